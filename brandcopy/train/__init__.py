@@ -1,0 +1,1 @@
+"""Training stages: one module, one ``*StageConfig`` and one ``run_*`` entry point per stage."""

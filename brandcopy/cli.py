@@ -16,7 +16,158 @@ app.add_typer(train_app, name="train")
 # --- brand and lint (brand.py, lint.py) ---------------------------------------------------
 
 
+@app.command("lint")
+def lint_command(
+    file: str = typer.Argument(..., help="JSONL with text, content_type, optional id and product_id."),
+    brand: str = typer.Option("yuansu", help="Brand name under data/brands/ or a brand folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per input line."),
+):
+    """Lint copy against the brand guide and the catalog. Exit 0 clean, 1 violations, 2 bad input."""
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.lint import format_report, lint_file, result_json
+
+    try:
+        linted = lint_file(file, load_brand(brand))
+    except (BrandDataError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        for _, record, result in linted:
+            typer.echo(result_json(record.get("id"), result))
+    else:
+        typer.echo(format_report(linted))
+    raise typer.Exit(0 if all(result.clean for _, _, result in linted) else 1)
+
+
 # --- data pipeline (llm.py, mockserver.py, datagen.py) ------------------------------------
+
+_RUN = typer.Option("demo", help="Run name: data goes to <output-root>/<run>/data.")
+_ROOT = typer.Option("outputs", help="Folder holding the runs.")
+_BRAND = typer.Option("yuansu", help="Brand folder name under data/brands, or a path.")
+_MODEL = typer.Option("deepseek-chat", help="Model name the endpoint expects.")
+_BASE_URL = typer.Option("https://api.deepseek.com", help="OpenAI-compatible endpoint.")
+_KEY_ENV = typer.Option("DEEPSEEK_API_KEY", help="NAME of the environment variable holding the key ('' for none).")
+_CONCURRENCY = typer.Option(16, help="Requests in flight at once.")
+_MOCK = typer.Option(False, help="Answer from the built-in scripted server (golden copy), no external API.")
+
+
+def _data_dir(output_root: str, run: str):
+    from pathlib import Path
+
+    return Path(output_root) / run / "data"
+
+
+def _run_llm_step(mock: bool, brand, model: str, base_url: str, api_key_env: str, concurrency: int, step):
+    """Builds the client (or the scripted server's) and runs ``step(client)``; clear errors, exit 2."""
+    from brandcopy.brand import BrandDataError
+    from brandcopy.datagen import mock_llm
+    from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMFatalError
+
+    try:
+        if mock:
+            with mock_llm(brand, concurrency=concurrency) as config:
+                return step(LLMClient(config))
+        config = LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency)
+        return step(LLMClient(config))
+    except (LLMConfigError, LLMFatalError, BrandDataError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@data_app.command("generate")
+def data_generate(
+    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND, split: str = typer.Option("train"),
+    samples_per_pair: int = typer.Option(1), max_repairs: int = typer.Option(2),
+    model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
+    mock: bool = _MOCK,
+):
+    """Generate copy for every (product, content type) of a split, checked by lint and the fact check."""
+    from brandcopy.brand import load_brand
+    from brandcopy.datagen import generate
+
+    loaded = load_brand(brand)
+    data_dir = _data_dir(output_root, run)
+    summary = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
+                            lambda client: generate(client, loaded, data_dir, split, None, samples_per_pair, max_repairs=max_repairs))
+    typer.echo(f"{summary}\nsamples: {data_dir / 'generated.jsonl'}\nfailures: {data_dir / 'generate' / 'failures.jsonl'}")
+
+
+@data_app.command("clean")
+def data_clean(
+    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND,
+    input: str = typer.Option("", help="Samples to clean; default <data>/generated.jsonl."),
+    model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
+    mock: bool = _MOCK,
+):
+    """LLM rewrite passes: strip markup, give flat notes a persona and story, add missing CTAs."""
+    from brandcopy.brand import load_brand
+    from brandcopy.datagen import clean
+
+    loaded = load_brand(brand)
+    data_dir = _data_dir(output_root, run)
+    report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
+                           lambda client: clean(client, loaded, input or data_dir / "generated.jsonl", data_dir))
+    typer.echo(f"{report}\ncleaned: {data_dir / 'cleaned.jsonl'}")
+
+
+@data_app.command("negatives")
+def data_negatives(
+    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND,
+    input: str = typer.Option("", help="Chosen samples; default <data>/cleaned.jsonl."),
+    offline: bool = typer.Option(False, help="Only the programmatic negatives (no API)."),
+    weak_model: str = typer.Option("", help="A weaker model for the 'weak' negatives (default: the same model)."),
+    model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
+    mock: bool = _MOCK,
+):
+    """Preference negatives: weak / exaggerated / fake through the LLM, plus offline ones."""
+    from brandcopy.brand import load_brand
+    from brandcopy.datagen import make_negatives
+
+    loaded = load_brand(brand)
+    data_dir = _data_dir(output_root, run)
+    source = input or data_dir / "cleaned.jsonl"
+    if offline:
+        report = make_negatives(None, loaded, source, data_dir)
+    else:
+        report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
+                               lambda client: make_negatives(client, loaded, source, data_dir, weak_model=weak_model or None))
+    typer.echo(f"{report}\nnegatives: {data_dir / 'negatives.jsonl'}")
+
+
+@data_app.command("export")
+def data_export(
+    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND,
+    input: str = typer.Option("", help="Chosen samples; default <data>/cleaned.jsonl."),
+    negatives: str = typer.Option("", help="Negatives; default <data>/negatives.jsonl when it exists."),
+):
+    """Write TRL (sft, preference, grpo) and LLaMA-Factory files per split."""
+    from brandcopy.brand import load_brand
+    from brandcopy.datagen import export
+
+    loaded = load_brand(brand)
+    data_dir = _data_dir(output_root, run)
+    default_negatives = data_dir / "negatives.jsonl"
+    written = export(loaded, input or data_dir / "cleaned.jsonl", data_dir,
+                     negatives or (default_negatives if default_negatives.exists() else None))
+    for name, path in written.items():
+        typer.echo(f"{name}: {path}")
+
+
+@data_app.command("serve-mock")
+def data_serve_mock(
+    port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),
+    brand: str = typer.Option("yuansu", help="Answer datagen prompts with this brand's golden copy ('' to echo)."),
+    latency: float = typer.Option(0.0, help="Seconds every answer waits."),
+    fault_rate: float = typer.Option(0.0, help="Probability of an injected fault per request."),
+    seed: int = typer.Option(0, help="Seed of the fault RNG."),
+):
+    """Run the scripted OpenAI-compatible server (model name: any) until Ctrl-C."""
+    from brandcopy.brand import load_brand
+    from brandcopy.datagen import golden_responder
+    from brandcopy.mockserver import Faults, ScriptedServer, serve
+
+    responder = golden_responder(load_brand(brand)) if brand else None
+    serve(ScriptedServer(responder=responder, faults=Faults(rate=fault_rate), latency=latency, seed=seed, port=port))
 
 
 # --- training, merge, doctor (train/*, doctor.py) -----------------------------------------
@@ -26,6 +177,24 @@ app.add_typer(train_app, name="train")
 
 
 # --- demo (demo.py) -----------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out_dir: str = typer.Option("outputs/demo", help="Run directory for the tiny model and the adapter."),
+    steps: int = typer.Option(80, help="SFT steps."),
+    backend: str = typer.Option("auto", help="auto, unsloth or hf."),
+):
+    """Build the tiny local model, fine-tune it briefly and print a sample (CPU, offline)."""
+    from brandcopy.demo import run_demo
+
+    result = run_demo(out_dir, steps=steps, backend=backend)
+    typer.echo(f"loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    typer.echo(f"prompt: {result.prompt}")
+    typer.echo(f"sample: {result.sample}")
+    typer.echo(f"stopped at <|im_end|>: {result.stopped}")
+    typer.echo(f"tiny model: {result.model_dir}")
+    typer.echo(f"adapter:    {result.adapter_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,381 @@
+"""Stage configs: one dataclass per training stage, loaded from one flat YAML preset.
+
+A preset (``configs/*.yaml``) is one flat mapping. Keys shared by every stage (``run``, ``model``,
+``backend``, ``lora_rank``, ...) have plain names; keys that belong to one stage carry its prefix
+(``sft_lr``, ``grpo_num_generations``, ``merge_from``). A stage reads the keys it knows and
+ignores the other stages' keys; a key no stage knows is an error naming the file and line.
+
+Command-line overrides are ``key=value`` strings parsed as YAML values
+(``sft_lr=1e-4``, ``lora_target_modules=[q_proj,v_proj]``). On a stage's command line the stage
+prefix may be left out: ``brandcopy train sft lr=1e-4`` sets ``sft_lr``.
+"""
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model")
+
+
+class ConfigError(ValueError):
+    """A preset or override that cannot become a stage config (unknown key, wrong type, bad value)."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class CommonConfig:
+    """Keys every stage reads. Each stage config adds its own prefixed keys."""
+
+    stage: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+
+    run: str = "default"
+    output_root: str = "outputs"
+    brand: str = "yuansu"
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    backend: str = field(default="auto", metadata=_choices("auto", "unsloth", "hf"))
+    load_in_4bit: bool = True
+    max_seq_length: int = 2048
+    lora_rank: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_8bit"
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    seed: int = 3407
+    data_dir: str = ""
+    resume: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        """``<output_root>/<run>``: the folder every stage of this run writes into."""
+        return Path(self.output_root) / self.run
+
+    @property
+    def out_dir(self) -> Path:
+        """``<output_root>/<run>/<stage>``: this stage's output folder."""
+        return self.run_dir / self.stage
+
+    @property
+    def data_path(self) -> Path:
+        """Folder with the exported training data (``<run>/data`` unless ``data_dir`` is set)."""
+        return Path(self.data_dir) if self.data_dir else self.run_dir / "data"
+
+
+@dataclass
+class SFTStageConfig(CommonConfig):
+    """Supervised fine-tuning on ``sft_{train,val}.jsonl`` (``messages``), assistant-only loss."""
+
+    stage: ClassVar[str] = "sft"  # output folder <run>/sft
+    prefix: ClassVar[str] = "sft"  # prefix of this stage's own keys
+
+    sft_lr: float = 2e-4
+    sft_epochs: float = 2.0
+    sft_max_steps: int = -1
+    sft_batch_size: int = 2
+    sft_grad_accum: int = 4
+    sft_packing: bool = True
+    sft_eval: bool = True
+
+
+@dataclass
+class RewardStageConfig(CommonConfig):
+    """Reward model: sequence-classification head on the base, LoRA, ``preference_*.jsonl``."""
+
+    stage: ClassVar[str] = "reward"  # output folder <run>/reward
+    prefix: ClassVar[str] = "reward"  # prefix of this stage's own keys
+
+    reward_lr: float = 1e-4
+    reward_epochs: float = 1.0
+    reward_max_steps: int = -1
+    reward_batch_size: int = 2
+    reward_grad_accum: int = 4
+
+
+@dataclass
+class DPOStageConfig(CommonConfig):
+    """DPO on ``preference_*.jsonl`` starting from another stage's adapter (``dpo_from``)."""
+
+    stage: ClassVar[str] = "dpo"  # output folder <run>/dpo
+    prefix: ClassVar[str] = "dpo"  # prefix of this stage's own keys
+
+    dpo_from: str = field(default="sft", metadata=_choices("sft", "grpo"))
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
+    dpo_epochs: float = 1.0
+    dpo_max_steps: int = -1
+    dpo_batch_size: int = 1
+    dpo_grad_accum: int = 8
+
+
+@dataclass
+class GRPOStageConfig(CommonConfig):
+    """GRPO on ``grpo_train.jsonl`` prompts from another stage's adapter, rewards from rewards.py."""
+
+    stage: ClassVar[str] = "grpo"  # output folder <run>/grpo
+    prefix: ClassVar[str] = "grpo"  # prefix of this stage's own keys
+
+    grpo_from: str = field(default="sft", metadata=_choices("sft", "dpo"))
+    grpo_lr: float = 5e-6
+    grpo_epochs: float = 1.0
+    grpo_max_steps: int = -1
+    grpo_batch_size: int = 4
+    grpo_grad_accum: int = 1
+    grpo_num_generations: int = 4
+    grpo_max_completion_length: int = 512
+    grpo_temperature: float = 1.0
+    grpo_beta: float = 0.0
+    grpo_reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"lint": 1.0, "fact": 1.0, "format": 0.5, "cta": 0.5, "reward_model": 0.0}
+    )
+    grpo_use_vllm: bool = False
+    grpo_vllm_mode: str = field(default="colocate", metadata=_choices("colocate", "server"))
+    grpo_vllm_gpu_memory_utilization: float = 0.5
+
+
+@dataclass
+class MergeStageConfig(CommonConfig):
+    """Merge an adapter onto the 16-bit base and save safetensors (+ GGUF with Unsloth)."""
+
+    stage: ClassVar[str] = "merged"  # output folder <run>/merged
+    prefix: ClassVar[str] = "merge"  # prefix of this stage's own keys
+
+    merge_from: str = field(default="grpo", metadata=_choices("sft", "dpo", "grpo"))
+    merge_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
+    merge_gguf: str = ""
+
+
+# --- evaluation (owned by evaluate.py; added here so presets may hold eval_* keys) ---
+
+
+@dataclass
+class EvalStageConfig(CommonConfig):
+    """Evaluation of base / sft / dpo / grpo / merged on the val split: metrics, judge, report."""
+
+    stage: ClassVar[str] = "eval"  # output folder <run>/eval
+    prefix: ClassVar[str] = "eval"  # prefix of this stage's own keys
+
+    eval_models: list[str] = field(default_factory=list)  # [] = every model found in the run dir
+    eval_max_samples: int = 0  # val prompts to evaluate; 0 = all
+    eval_batch_size: int = 8  # prompts per generate() call
+    eval_max_new_tokens: int = 768  # generation budget; a copy that reaches it did not stop
+    eval_sampled: bool = True  # also generate with the sampled setting (offline metrics only)
+    eval_temperature: float = 0.7  # sampled setting
+    eval_top_p: float = 0.9  # sampled setting
+    eval_rouge_unit: str = field(default="char", metadata=_choices("char", "word"))  # word = jieba
+    eval_judge: bool = True  # run the LLM judge (the report is PARTIAL without it)
+    eval_judge_mock: bool = False  # judge with the local scripted heuristic judge instead of an API
+    eval_judge_model: str = "deepseek-chat"
+    eval_judge_base_url: str = "https://api.deepseek.com"
+    eval_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
+    eval_judge_concurrency: int = 8
+    eval_side_by_side: int = 5  # prompts shown in side_by_side.md
+
+
+STAGE_CONFIGS = (SFTStageConfig, RewardStageConfig, DPOStageConfig, GRPOStageConfig, MergeStageConfig, EvalStageConfig)
+
+
+def config_keys(cls: type) -> dict[str, dataclasses.Field]:
+    """Fields of a stage config by name (the YAML keys it reads)."""
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> set[str]:
+    """Every key some stage reads: the keys a preset may contain."""
+    return {name for cls in STAGE_CONFIGS for name in config_keys(cls)}
+
+
+def read_preset(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Read a flat YAML preset.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The mapping and, for each key, its 1-based line in the file.
+
+    Raises:
+        ConfigError: The file is missing, is not valid YAML, or is not one flat mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: preset file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a preset is one flat mapping of key: value, got {type(values).__name__}")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value}
+    return values, lines
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce_value(tp, value, where: str):
+    """Check ``value`` against the field type ``tp`` and return it converted where lossless.
+
+    Ints are accepted for floats, and numeric strings too (PyYAML reads ``1e-4`` as a string).
+
+    Raises:
+        ConfigError: The value does not fit the type; the message starts with ``where``.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce_value(inner, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [coerce_value(args[0], item, where) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {_type_name(args[1])}, got {value!r}")
+        return {coerce_value(args[0], k, where): coerce_value(args[1], v, f"{where}[{k}]") for k, v in value.items()}
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and tp is not bool:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got the boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_field(cls: type, key: str, value, where: str):
+    f = config_keys(cls)[key]
+    value = coerce_value(typing.get_type_hints(cls)[key], value, where)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    if key == "grpo_reward_weights":
+        unknown = set(value) - set(REWARD_NAMES)
+        if unknown:
+            raise ConfigError(f"{where}: unknown reward {sorted(unknown)}; rewards are {', '.join(REWARD_NAMES)}")
+    return value
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), sorted(all_keys()), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _override_key(cls: type, key: str, where: str) -> str:
+    """The field an override names: the key itself, or the key with this stage's prefix."""
+    keys = config_keys(cls)
+    if key in keys:
+        return key
+    if f"{cls.prefix}_{key}" in keys:
+        return f"{cls.prefix}_{key}"
+    if key in all_keys():
+        raise ConfigError(f"{where}: '{key}' is not read by the {cls.stage} stage")
+    raise _unknown_key(key, where)
+
+
+def parse_override(cls: type, item: str) -> tuple[str, object]:
+    """Parse one ``key=value`` override for stage ``cls``.
+
+    Returns:
+        The field name and the checked value.
+
+    Raises:
+        ConfigError: Not ``key=value``, an unknown key, or a value of the wrong type.
+    """
+    key, sep, raw = item.partition("=")
+    where = f"override '{item}'"
+    if not sep or not key.strip():
+        raise ConfigError(f"{where}: overrides are key=value")
+    key = _override_key(cls, key.strip(), where)
+    hint = typing.get_type_hints(cls)[key]
+    # A string field takes the text as written: "model=123" is the folder "123", not the int 123.
+    if hint is str:
+        return key, _check_field(cls, key, raw, where)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: value is not valid YAML: {err}") from err
+    return key, _check_field(cls, key, value, where)
+
+
+def load_stage_config(cls: type, path: str | Path | None = None, overrides: list[str] | tuple = ()):
+    """Build a stage config from a preset file and ``key=value`` overrides.
+
+    Args:
+        cls: One of the stage config classes (``SFTStageConfig``, ...).
+        path: A flat YAML preset; None uses the dataclass defaults.
+        overrides: ``key=value`` strings applied after the file.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: An unknown key, a wrong-typed value or a value outside the allowed choices,
+            naming the file and line or the override.
+    """
+    values, lines = read_preset(path) if path is not None else ({}, {})
+    known, mine = all_keys(), config_keys(cls)
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}:{lines.get(key, '?')}: key '{key}'"
+        if key not in known:
+            raise _unknown_key(key, f"{path}:{lines.get(key, '?')}")
+        if key in mine:
+            kwargs[key] = _check_field(cls, key, value, where)
+    for item in overrides:
+        key, value = parse_override(cls, item)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_dict(cfg) -> dict:
+    """The config as a plain dict, keys in field order."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); ``load_stage_config`` reads it back."""
+    text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(config_dict(cfg), sort_keys=False, allow_unicode=True)
+    return atomic_write_text(path, text)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so no reader sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path

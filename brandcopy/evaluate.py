@@ -1,0 +1,466 @@
+"""The eval stage: generate with every model of a run over the val split, score, judge, report.
+
+``run_eval`` writes ``<run>/eval/``:
+
+- ``generations.jsonl``: every model's copy for every val prompt, per generation setting;
+- ``judge/``: the judge's raw answers and failures (resumable; answers are cached by llm.py);
+- ``results.json``: every number of the report;
+- ``report.md``: the seed's table per content type (n, golden / fine-tuned / base mean score,
+  best-model counts), a position-bias line, offline metrics, and bar charts ``charts/*.png``;
+- ``side_by_side.md``: N prompts x models, with the generation parameters and times on top;
+- ``manifest.json`` (written last).
+
+A report that lacks something (judge off or failed, judgements that failed to parse, no base to
+compare with) starts with a PARTIAL line saying what is missing.
+"""
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from brandcopy.brand import load_brand, load_golden
+from brandcopy.config import ConfigError, EvalStageConfig, atomic_write_text, save_config
+from brandcopy.generation import Generation, GenerationParams, timed_generate
+from brandcopy.judge import (
+    DIMENSION_NAMES,
+    DIMENSIONS,
+    BestOfVerdict,
+    JudgeItem,
+    SingleScore,
+    best_counts,
+    dimension_means,
+    failure_counts,
+    heuristic_judge_responder,
+    judge_best_of,
+    judge_single,
+    mean_scores,
+    position_bias,
+)
+from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMError
+from brandcopy.metrics import Sample, completion_loss, offline_metrics
+from brandcopy.mockserver import ScriptedServer
+from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
+from brandcopy.prompts import chat_messages
+from brandcopy.run import is_complete, require_stage, write_manifest
+
+__all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate"]
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("base", "sft", "dpo", "grpo", "merged")
+ADAPTERS = ("sft", "dpo", "grpo")
+METRIC_COLUMNS = {  # offline metric -> report column
+    "n": "n",
+    "empty_rate": "empty",
+    "stop_rate": "stopped",
+    "length": "length",
+    "length_ratio": "len/golden",
+    "distinct_1": "distinct-1",
+    "distinct_2": "distinct-2",
+    "rouge_l": "ROUGE-L",
+    "lint_score": "lint",
+    "fact_pass_rate": "facts ok",
+    "cta_rate": "CTA (ads)",
+}
+
+
+@dataclass
+class EvalResults:
+    """Everything the report shows; ``results.json`` is its ``as_dict``."""
+
+    models: list[str]
+    params: list[GenerationParams]
+    records: list[dict]
+    generations: dict[str, dict[str, list[Generation]]] = field(default_factory=dict)  # setting -> model -> copies
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # setting -> model -> wall time
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> eval_loss / perplexity
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # setting -> model -> group -> metric
+    scores: list[SingleScore] = field(default_factory=list)
+    verdicts: dict[str, list[BestOfVerdict]] = field(default_factory=dict)  # fine-tuned model -> verdicts
+    judge: str = ""
+    missing: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "models": self.models,
+            "params": [p.describe() for p in self.params],
+            "n_prompts": len(self.records),
+            "seconds": self.seconds,
+            "losses": self.losses,
+            "metrics": self.metrics,
+            "judge": self.judge,
+            "judge_means": mean_scores(self.scores),
+            "best_counts": {m: {g: dict(c) for g, c in best_counts(v).items()} for m, v in self.verdicts.items()},
+            "position_bias": {m: position_bias(v) for m, v in self.verdicts.items()},
+            "judge_failures": failure_counts(self.scores, [v for vs in self.verdicts.values() for v in vs]),
+            "partial": self.missing,
+        }
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def models_to_evaluate(cfg: EvalStageConfig) -> list[str]:
+    """The models to evaluate: ``eval_models`` if set (each must exist), else base + every finished stage.
+
+    Raises:
+        ConfigError: A name that is not one of base / sft / dpo / grpo / merged.
+        StageInputError: A requested stage is missing or unfinished in the run directory.
+    """
+    if not cfg.eval_models:
+        return ["base"] + [name for name in MODELS[1:] if is_complete(cfg.run_dir / name)]
+    for name in cfg.eval_models:
+        if name not in MODELS:
+            raise ConfigError(f"eval_models: {name!r} is not one of {', '.join(MODELS)}")
+        if name != "base":
+            require_stage(cfg.run_dir, name, "eval")
+    return list(cfg.eval_models)
+
+
+def val_records(brand, max_samples: int) -> list[dict]:
+    """Golden records of the val products, in id order (at most ``max_samples`` when positive).
+
+    Raises:
+        ValueError: No golden record belongs to a val product.
+    """
+    val = set(brand.split()["val"])
+    records = sorted((r for r in load_golden(brand) if r["product_id"] in val), key=lambda r: r["id"])
+    if not records:
+        raise ValueError(
+            f"{brand.path / 'golden.jsonl'}: no golden record for the val products {sorted(val)}; "
+            "the val split is empty, so there is nothing to evaluate"
+        )
+    return records[:max_samples] if max_samples > 0 else records
+
+
+def generation_settings(cfg: EvalStageConfig) -> list[GenerationParams]:
+    """Greedy, plus the sampled setting when ``eval_sampled``."""
+    greedy = GenerationParams("greedy", cfg.eval_max_new_tokens, seed=cfg.seed)
+    if not cfg.eval_sampled:
+        return [greedy]
+    sampled = GenerationParams("sampled", cfg.eval_max_new_tokens, True, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
+    return [greedy, sampled]
+
+
+def load_eval_model(cfg: EvalStageConfig, name: str):
+    """``(model, tokenizer)`` of one evaluated model, frozen, with EOS/pad fixed."""
+    options = {"backend": cfg.backend, "load_in_4bit": cfg.load_in_4bit, "max_seq_length": cfg.max_seq_length}
+    if name in ADAPTERS:
+        model, tokenizer = load_adapter_model(cfg.run_dir / name, trainable=False, **options)
+    else:
+        model, tokenizer = load_model(cfg.model if name == "base" else cfg.run_dir / name, **options)
+    fix_special_tokens(model, tokenizer)  # the base model's tokenizer has not been through training
+    return model, tokenizer
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
+    """Load each model once: completion loss on the golden copy, then every generation setting."""
+    prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
+    golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
+    for name in results.models:
+        model, tokenizer = load_eval_model(cfg, name)
+        results.losses[name] = completion_loss(model, tokenizer, golden, cfg.eval_batch_size)
+        for params in results.params:
+            copies, seconds = timed_generate(model, tokenizer, prompts, params, cfg.eval_batch_size)
+            results.generations.setdefault(params.name, {})[name] = copies
+            results.seconds.setdefault(params.name, {})[name] = seconds
+            logger.info("%s / %s: %d copies in %.1fs", name, params.name, len(copies), seconds)
+        _free(model)
+
+
+def write_generations(path: Path, results: EvalResults) -> None:
+    """``generations.jsonl``: one row per (setting, model, prompt)."""
+    rows = []
+    for setting, by_model in results.generations.items():
+        for name, copies in by_model.items():
+            for record, copy in zip(results.records, copies):
+                rows.append({"id": record["id"], "setting": setting, "model": name, "product_id": record["product_id"],
+                             "content_type": record["content_type"], "text": copy.text,
+                             "new_tokens": copy.new_tokens, "stopped": copy.stopped})
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def score_offline(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
+    """Offline metrics per setting and model."""
+    for setting, by_model in results.generations.items():
+        for name, copies in by_model.items():
+            samples = [Sample(r["content_type"], r["product_id"], c.text, r["text"], c.stopped)
+                       for r, c in zip(results.records, copies)]
+            results.metrics.setdefault(setting, {})[name] = offline_metrics(brand, samples, cfg.eval_rouge_unit)
+
+
+def judge_items(results: EvalResults) -> list[JudgeItem]:
+    """One judge item per val prompt with every model's greedy copy."""
+    greedy = results.generations["greedy"]
+    return [
+        JudgeItem(r["id"], r["product_id"], r["content_type"], r["instruction"], r["text"],
+                  {name: greedy[name][i].text for name in results.models})
+        for i, r in enumerate(results.records)
+    ]
+
+
+@contextlib.contextmanager
+def judge_endpoint(cfg: EvalStageConfig, brand):
+    """Yields the judge's ``LLMConfig``: the configured API, or a local scripted heuristic judge."""
+    cache = str(Path(cfg.output_root) / "llm-cache")
+    options = {"temperature": 0.0, "max_tokens": 512, "concurrency": cfg.eval_judge_concurrency, "cache_dir": cache}
+    if not cfg.eval_judge_mock:
+        yield LLMConfig(cfg.eval_judge_model, cfg.eval_judge_base_url, cfg.eval_judge_api_key_env, **options)
+        return
+    with ScriptedServer(responder=heuristic_judge_responder(brand)) as server:
+        yield LLMConfig("heuristic-judge", server.url, None, **options)
+
+
+def run_judge(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
+    """Single-answer scores for golden and every model, and best-of-3 for every fine-tuned model."""
+    items = judge_items(results)
+    tuned = [name for name in results.models if name != "base"]
+    with judge_endpoint(cfg, brand) as config:
+        results.judge = f"{config.model} at {config.base_url}" + (" (scripted heuristic judge, not an LLM)" if cfg.eval_judge_mock else "")
+        client = LLMClient(config)
+        results.scores = judge_single(client, brand, items, ["golden", *results.models], cfg.out_dir / "judge")
+        if "base" in results.models:
+            for name in tuned:
+                results.verdicts[name] = judge_best_of(client, brand, items, name, cfg.out_dir / "judge", cfg.seed)
+
+
+def missing_parts(cfg: EvalStageConfig, results: EvalResults) -> list[str]:
+    """What the report lacks (empty when complete)."""
+    missing = list(results.missing)
+    if not cfg.eval_judge:
+        missing.append("the LLM judge was not run (eval_judge: false)")
+    if cfg.eval_judge and "base" not in results.models:
+        missing.append("best-of-3 not run: the base model is not among the evaluated models")
+    if cfg.eval_judge and results.models == ["base"]:
+        missing.append("best-of-3 not run: no fine-tuned model in the run")
+    failures = failure_counts(results.scores, [v for vs in results.verdicts.values() for v in vs])
+    if failures["single_failed"] or failures["best_of_rounds_failed"]:
+        missing.append(
+            f"{failures['single_failed']} of {failures['single_total']} single-answer judgements and "
+            f"{failures['best_of_rounds_failed']} of {failures['best_of_rounds']} best-of rounds failed "
+            "(unparseable answers or failed requests; left out of the averages, see 'Judge failures')"
+        )
+    return missing
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _groups(results: EvalResults) -> list[str]:
+    return sorted({r["content_type"] for r in results.records}) + ["overall"]
+
+
+def judge_table(results: EvalResults, model: str | None) -> str:
+    """The seed's table: per content type n, golden / model / base mean score, best-model counts.
+
+    With ``model=None`` (only the base was evaluated) the table compares golden and base.
+    """
+    means, counts = mean_scores(results.scores), best_counts(results.verdicts.get(model, []))
+    n = {g: sum(r["content_type"] == g for r in results.records) for g in _groups(results)}
+    n["overall"] = len(results.records)
+    names = ["golden", model, "base"] if model else ["golden", "base"]
+    header = ["content_type", "n", *[f"{x} avg" for x in names], *[f"best: {x}" for x in names], "tie", "failed"]
+    rows = [
+        [g, n[g], *[means.get(g, {}).get(x, float("nan")) for x in names],
+         *[counts[g][x] for x in names], counts[g]["tie"], counts[g]["failed"]]
+        for g in _groups(results)
+    ]
+    return _table(header, rows)
+
+
+def bias_line(verdicts: list[BestOfVerdict]) -> str:
+    """The position-bias sentence of one fine-tuned model's best-of-3."""
+    b = position_bias(verdicts)
+    return (
+        f"Position bias: the first position won {b['first_won_original']:.0%} of rounds in the original order and "
+        f"{b['first_won_swapped']:.0%} after swapping (an unbiased judge: about 33%); the two orders agreed on "
+        f"{b['agreement']:.0%} of prompts; {b['ties']} disagreements reported as ties, {b['failed']} failed, of {b['n']}."
+    )
+
+
+def metrics_tables(results: EvalResults) -> str:
+    """Offline metrics: overall per model and setting (with eval loss), then per content type."""
+    header = ["model", "setting", "eval loss", "ppl", *METRIC_COLUMNS.values()]
+    rows = [
+        [name, setting, results.losses[name]["eval_loss"], results.losses[name]["perplexity"],
+         *[by_model[name]["overall"][key] for key in METRIC_COLUMNS]]
+        for setting, by_model in results.metrics.items() for name in by_model
+    ]
+    parts = ["### Overall", _table(header, rows)]
+    greedy = results.metrics["greedy"]
+    for group in _groups(results)[:-1]:
+        rows = [[name, *[greedy[name][group][key] for key in METRIC_COLUMNS]] for name in greedy]
+        parts += [f"### {group} (greedy)", _table(["model", *METRIC_COLUMNS.values()], rows)]
+    return "\n\n".join(parts)
+
+
+def plot_judge_charts(results: EvalResults, charts_dir: Path) -> dict[str, Path]:
+    """One bar chart per content type: mean score per dimension for golden and each model.
+
+    Returns:
+        ``{content_type: png path}`` for the groups with parsed scores.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for group in _groups(results):
+        means = dimension_means(results.scores, None if group == "overall" else group)
+        if not means:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(means)
+        for offset, (name, by_dim) in enumerate(means.items()):
+            xs = [i + offset * width for i in range(len(DIMENSIONS))]
+            ax.bar(xs, [by_dim[d] for d in DIMENSIONS], width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DIMENSIONS))], list(DIMENSIONS))
+        ax.set_ylim(0, 5)
+        ax.set_ylabel("judge score (1-5)")
+        ax.set_title(f"{group}: mean judge score per dimension")
+        ax.legend(fontsize=8, ncols=len(means))
+        fig.tight_layout()
+        paths[group] = charts_dir / f"{group}.png"
+        tmp = charts_dir / f".{group}.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(paths[group])
+    return paths
+
+
+def failures_section(results: EvalResults) -> str:
+    """Counts of failed judgements and the first few reasons."""
+    verdicts = [v for vs in results.verdicts.values() for v in vs]
+    counts = failure_counts(results.scores, verdicts)
+    reasons = [f"- single {s.key} / {s.candidate}: {s.error}" for s in results.scores if s.error]
+    reasons += [f"- best-of {v.key} / {v.model} round {i + 1}: {e}" for v in verdicts for i, e in enumerate(v.errors) if e]
+    lines = [", ".join(f"{key}: {value}" for key, value in counts.items())]
+    return "\n".join(lines + reasons[:20] + ([f"- … {len(reasons) - 20} more"] if len(reasons) > 20 else []))
+
+
+def header_lines(cfg: EvalStageConfig, results: EvalResults, started: str) -> list[str]:
+    """Run, date, prompts, models, generation parameters and times."""
+    lines = [f"- run: `{cfg.run}`, brand: {cfg.brand}, base model: `{cfg.model}`, started {started}",
+             f"- val prompts: {len(results.records)}; models: {', '.join(results.models)}",
+             f"- judge: {results.judge or 'not run'}"]
+    for params in results.params:
+        times = ", ".join(f"{m} {s:.1f}s" for m, s in results.seconds.get(params.name, {}).items())
+        lines.append(f"- generation {params.describe()}; wall time: {times}")
+    return lines
+
+
+def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, Path], started: str) -> str:
+    """``report.md`` text."""
+    parts = [f"# Evaluation report: {cfg.run}"]
+    if results.missing:
+        parts.append("> **PARTIAL**: this report is incomplete.\n" + "\n".join(f"> - {m}" for m in results.missing))
+    parts.append("\n".join(header_lines(cfg, results, started)))
+    if results.scores:
+        parts.append("## Judge: golden vs fine-tuned vs base\n\nMean single-answer score (1-5, mean of "
+                     f"{', '.join(DIMENSION_NAMES.values())}); best-of-3 blind, judged in two orders, "
+                     "disagreements counted as ties.")
+        for name in [m for m in results.models if m != "base"] or [None]:
+            parts.append(f"### {name or 'base only'}\n\n{judge_table(results, name)}")
+            if name in results.verdicts:
+                parts.append(bias_line(results.verdicts[name]))
+        parts.append("### Charts\n\n" + "\n".join(f"![{g}](charts/{p.name})" for g, p in charts.items()))
+        parts.append("### Judge failures\n\n" + failures_section(results))
+    parts.append("## Offline metrics\n\n" + metrics_tables(results))
+    parts.append("Side by side: [side_by_side.md](side_by_side.md). Raw numbers: results.json.")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_side_by_side(cfg: EvalStageConfig, results: EvalResults, brand, started: str) -> str:
+    """``side_by_side.md``: the first N val prompts, golden and every model's greedy copy."""
+    parts = [f"# Side by side: {cfg.run}", "\n".join(header_lines(cfg, results, started))]
+    greedy = results.generations["greedy"]
+    for i, record in enumerate(results.records[: cfg.eval_side_by_side]):
+        product = brand.product(record["product_id"])
+        block = [f"## {record['id']} · {record['content_type']} · {product.name}", f"### golden\n\n{record['text']}"]
+        for name in results.models:
+            copy = greedy[name][i]
+            note = "" if copy.stopped else f" (did not stop within {copy.new_tokens} tokens)"
+            block.append(f"### {name}{note}\n\n{copy.text or '*(empty)*'}")
+        parts.append("\n\n".join(block))
+    return "\n\n".join(parts) + "\n"
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run_eval(cfg: EvalStageConfig) -> Path:
+    """Evaluate the run's models on the val split and write ``<run>/eval``.
+
+    Steps: resolve the models (fails before loading anything when a requested stage is missing),
+    read the val golden records (fails when there are none), per model: completion loss on the
+    golden copy and generation with every setting; offline metrics; the judge (single scores and
+    best-of-3 in two orders); report, charts, side by side; manifest last.
+
+    A judge that cannot be reached or whose key is missing leaves a PARTIAL report with the
+    offline metrics; unparseable answers are counted and the report is marked PARTIAL.
+
+    Args:
+        cfg: The stage config.
+
+    Returns:
+        The stage folder ``<run>/eval``.
+
+    Raises:
+        ConfigError: An unknown name in ``eval_models``.
+        StageInputError: A requested stage is missing or unfinished.
+        ValueError: The val split has no golden records.
+    """
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    models = models_to_evaluate(cfg)
+    brand = load_brand(cfg.brand)
+    results = EvalResults(models, generation_settings(cfg), val_records(brand, cfg.eval_max_samples))
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+    generate_all(cfg, brand, results)
+    write_generations(out / "generations.jsonl", results)
+    score_offline(cfg, brand, results)
+    if cfg.eval_judge:
+        try:
+            run_judge(cfg, brand, results)
+        except (LLMError, LLMConfigError) as err:
+            results.missing.append(f"the LLM judge did not finish: {err}")
+    results.missing = missing_parts(cfg, results)
+    charts = plot_judge_charts(results, out / "charts") if results.scores else {}
+    atomic_write_text(out / "results.json", json.dumps(results.as_dict(), ensure_ascii=False, indent=2, default=float))
+    atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
+    atomic_write_text(out / "report.md", render_report(cfg, results, charts, started))
+    write_manifest(cfg, [brand.path / "golden.jsonl"], {"models": models, "partial": results.missing})
+    return out

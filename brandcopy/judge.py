@@ -1,0 +1,549 @@
+"""LLM-as-judge: Chinese rubrics per family, single-answer scores and a blind best-of-3 free of position bias.
+
+Two kinds of judgement, both through ``brandcopy.llm`` (any OpenAI-compatible endpoint, cached,
+retried, resumable):
+
+- Single answer: one copy scored 1-5 on five dimensions (brand tone, accuracy against the
+  product's facts, structure for the type, persuasion / CTA, instruction following), with the
+  product facts and, for model outputs, the golden copy as reference.
+- Best of 3: golden, a fine-tuned model and the base model, shown blind under random labels in a
+  random order, and judged again in a rotated order (every candidate moves). Verdicts that
+  disagree become ties, as MT-Bench does with swapped pairs, so a judge that always picks the
+  first position produces ties rather than wins.
+
+The judge runs at temperature 0 and must answer strict JSON; answers are parsed leniently (code
+fences, text around the object, full-width punctuation). An answer that still cannot be parsed,
+or a request that failed, is counted as a failure and reported, never scored as 0.
+"""
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from brandcopy.lint import lint_text
+from brandcopy.llm import LLMClient, Request, read_jsonl_records, run_requests
+from brandcopy.metrics import CTA_KIND, FACT_KINDS
+from brandcopy.prompts import product_facts
+
+DIMENSIONS = ("tone", "accuracy", "structure", "persuasion", "instruction")
+DIMENSION_NAMES = {
+    "tone": "品牌调性",
+    "accuracy": "事实准确",
+    "structure": "结构完整",
+    "persuasion": "说服力与行动号召",
+    "instruction": "指令遵循",
+}
+# What each dimension means for each family; the content type's own structure and length are
+# added to the prompt from content_types.yaml.
+FAMILY_RUBRICS = {
+    "social": {
+        "tone": "像品牌人设本人在分享：真诚、克制、有温度；遵守品牌语气规则，不用禁用词、不用绝对化用语。",
+        "accuracy": "成分、浓度、功效、适用肤质与产品资料完全一致；不编造资料里没有的成分、数字或功效。",
+        "structure": "按该内容类型的结构展开，段落清楚，篇幅在规定字数内；像一篇真实的社交媒体笔记，而不是说明书。",
+        "persuasion": "有真实场景、细节或故事让读者信服，有自然的互动或收藏引导，不生硬推销、不制造焦虑。",
+        "instruction": "写的是指定产品、指定内容类型，满足指令中的全部要求。",
+    },
+    "ecommerce": {
+        "tone": "专业可信、条理清楚，符合品牌语气规则；不用禁用词、不用绝对化用语。",
+        "accuracy": "成分与浓度、功效、规格、用法、注意事项与产品资料完全一致；不编造任何信息。",
+        "structure": "按该内容类型的结构完整覆盖卖点、成分解析、使用方法、适用人群与注意事项，篇幅在规定字数内。",
+        "persuasion": "卖点清楚、场景具体，给出充分的购买理由，并有明确的购买引导。",
+        "instruction": "写的是指定产品、指定内容类型，满足指令中的全部要求。",
+    },
+    "paid_ad": {
+        "tone": "短促有力但不夸张，符合品牌语气规则；不用禁用词、不用绝对化用语、不滥用感叹号。",
+        "accuracy": "广告中出现的成分、浓度、功效都能在产品资料中找到依据；不做资料不支持的承诺。",
+        "structure": "严格遵循该广告框架（如痛点-放大-解决、特性-优势-利益、前后对比）的顺序，篇幅在规定字数内。",
+        "persuasion": "开头抓人、利益点明确，结尾有清晰、具体的行动号召（CTA）；缺少 CTA 最高只能得 2 分。",
+        "instruction": "写的是指定产品、指定广告类型，满足指令中的全部要求。",
+    },
+}
+LABEL_POOL = "ABCDEFGHJKMNPQRSTUVWXYZ"
+FULL_WIDTH = str.maketrans({"｛": "{", "｝": "}", "：": ":", "，": ",", "“": '"', "”": '"', "＂": '"', "［": "[", "］": "]"})
+JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 512}
+SYSTEM_PROMPT = "你是一位严格、公正的品牌文案评审专家。你只依据给定的评分标准和产品资料评审，只输出一个 JSON 对象，不输出任何其他内容。"
+
+
+class JudgeParseError(ValueError):
+    """A judge answer that is not the JSON the prompt asked for."""
+
+
+@dataclass
+class JudgeItem:
+    """One val prompt and every copy written for it.
+
+    Attributes:
+        key: Unique id of the prompt (the golden record's id).
+        product_id: Catalog id of the product.
+        content_type: Content type key.
+        instruction: The user instruction the models answered.
+        golden: The golden copy.
+        outputs: Model name -> generated copy (e.g. ``{"base": ..., "sft": ...}``).
+    """
+
+    key: str
+    product_id: str
+    content_type: str
+    instruction: str
+    golden: str
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def text(self, name: str) -> str:
+        """The copy of ``name``: ``golden`` or a model name."""
+        return self.golden if name == "golden" else self.outputs[name]
+
+
+@dataclass
+class SingleScore:
+    """Single-answer judgement of one copy. ``scores`` is None when the judgement failed (``error``)."""
+
+    key: str
+    content_type: str
+    candidate: str
+    scores: dict[str, int] | None
+    error: str | None = None
+
+    @property
+    def mean(self) -> float:
+        """Mean over the five dimensions."""
+        return sum(self.scores.values()) / len(self.scores)
+
+
+@dataclass
+class BestOfVerdict:
+    """Blind best-of-3 judged in two orders.
+
+    Attributes:
+        key: Prompt id.
+        content_type: Content type key.
+        model: The fine-tuned model compared with golden and base.
+        orders: Candidate names in the order shown, per round.
+        winners: Winning candidate per round; None where that round failed.
+        errors: Failure reason per round (None where it parsed).
+    """
+
+    key: str
+    content_type: str
+    model: str
+    orders: list[list[str]]
+    winners: list[str | None]
+    errors: list[str | None]
+
+    @property
+    def verdict(self) -> str:
+        """The winner when both rounds agree, ``tie`` when they disagree, ``failed`` when one failed."""
+        if None in self.winners:
+            return "failed"
+        return self.winners[0] if self.winners[0] == self.winners[1] else "tie"
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def fact_sheet(product) -> str:
+    """The judge's reference facts: product id and name, then the catalog facts of ``prompts.product_facts``."""
+    return f"产品编号：{product.id}\n产品名称：{product.name}\n{product_facts(product)}"
+
+
+def _rubric(brand, content_type: str) -> str:
+    """Brand rules, the content type's spec and the family's five dimensions."""
+    spec = brand.content_type(content_type)
+    low, high = spec.length
+    dims = "\n".join(
+        f"- {key}（{DIMENSION_NAMES[key]}）：{text}" for key, text in FAMILY_RUBRICS[spec.family].items()
+    )
+    structure = "；".join(spec.structure)
+    return (
+        f"品牌：{brand.name}。品牌人设：{brand.persona}\n"
+        f"品牌语气规则：{'；'.join(brand.tone_rules)}\n"
+        f"禁用词：{'、'.join(brand.banned_words)}\n"
+        f"内容类型：{content_type}（{spec.name_zh}），目的：{spec.purpose}\n"
+        f"结构要求：{structure}\n"
+        f"篇幅：{low}–{high} 字（不含空白）；{'必须有行动号召（CTA）' if spec.cta_required else '不强制行动号召'}\n"
+        f"评分维度：\n{dims}"
+    )
+
+
+def single_messages(brand, item: JudgeItem, candidate: str) -> list[dict]:
+    """Messages asking for 1-5 scores of one copy; model outputs get the golden copy as reference.
+
+    The golden copy itself is scored without a reference (it would be compared with itself).
+    """
+    reference = "" if candidate == "golden" else f"【参考文案（人工撰写的标准答案）】\n{item.golden}\n【参考文案结束】\n\n"
+    keys = ", ".join(f'"{key}": 1-5 的整数' for key in DIMENSIONS)
+    user = (
+        f"{_rubric(brand, item.content_type)}\n\n"
+        f"【产品资料】\n{fact_sheet(brand.product(item.product_id))}\n【产品资料结束】\n\n"
+        f"【写作指令】\n{item.instruction}\n【写作指令结束】\n\n"
+        f"{reference}"
+        f"【待评文案】\n{item.text(candidate)}\n【待评文案结束】\n\n"
+        "请按评分维度逐项给待评文案打分：5 分优秀，4 分良好，3 分合格，2 分较差，1 分很差。"
+        "事实与产品资料不符的，事实准确最高 2 分。\n"
+        f'只输出一个 JSON 对象：{{{keys}, "reason": "一句话理由"}}'
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def best_of_messages(brand, item: JudgeItem, shown: list[tuple[str, str]]) -> list[dict]:
+    """Messages asking which of the shown ``(label, text)`` copies is best, blind (no names, no reference)."""
+    blocks = "\n\n".join(f"【候选 {label}】\n{text}\n【候选 {label} 结束】" for label, text in shown)
+    labels = "、".join(label for label, _ in shown)
+    user = (
+        f"{_rubric(brand, item.content_type)}\n\n"
+        f"【产品资料】\n{fact_sheet(brand.product(item.product_id))}\n【产品资料结束】\n\n"
+        f"【写作指令】\n{item.instruction}\n【写作指令结束】\n\n"
+        f"{blocks}\n\n"
+        f"请综合全部评分维度，从候选 {labels} 中选出最好的一篇。候选的顺序和标签是随机的，与质量无关；"
+        "不要因为位置或篇幅偏向任何一篇。\n"
+        f'只输出一个 JSON 对象：{{"best": "{shown[0][0]}", "reason": "一句话理由"}}，其中 best 是 {labels} 之一。'
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def best_of_layouts(key: str, names: list[str], seed: int) -> list[list[tuple[str, str]]]:
+    """Two presentations of the same candidates: a random order and its rotation by one.
+
+    Labels are drawn at random for each round, so neither a position nor a label can carry a
+    preference from one round to the other. Deterministic in (seed, key), so reruns hit the cache.
+
+    Returns:
+        Two lists of ``(label, candidate name)`` in the order shown.
+    """
+    rng = random.Random(f"{seed}:{key}")
+    order = rng.sample(names, len(names))
+    rounds = []
+    for shown in (order, order[1:] + order[:1]):
+        labels = rng.sample(LABEL_POOL, len(shown))
+        rounds.append(list(zip(labels, shown)))
+    return rounds
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def parse_json_object(text: str) -> dict:
+    """The first JSON object in a judge answer, tolerating code fences, text around it and
+    full-width punctuation (tried only when the plain text does not parse).
+
+    Raises:
+        JudgeParseError: No JSON object in the text.
+    """
+    decoder = json.JSONDecoder()
+    for candidate in (text, text.translate(FULL_WIDTH)):
+        start = candidate.find("{")
+        while start != -1:
+            try:
+                value, _ = decoder.raw_decode(candidate, start)
+            except json.JSONDecodeError:
+                start = candidate.find("{", start + 1)
+                continue
+            if isinstance(value, dict):
+                return value
+            start = candidate.find("{", start + 1)
+    raise JudgeParseError(f"no JSON object in the answer: {text[:200]!r}")
+
+
+def _score(value, key: str) -> int:
+    """A 1-5 integer score from an int, an integral float or a digit string."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+        raise JudgeParseError(f"{key}: expected an integer 1-5, got {value!r}")
+    return value
+
+
+def parse_scores(text: str) -> dict[str, int]:
+    """The five dimension scores of a single-answer judgement.
+
+    Raises:
+        JudgeParseError: No JSON object, a missing dimension, or a score outside 1-5.
+    """
+    data = parse_json_object(text)
+    missing = [key for key in DIMENSIONS if key not in data]
+    if missing:
+        raise JudgeParseError(f"missing score(s) {missing} in {data}")
+    return {key: _score(data[key], key) for key in DIMENSIONS}
+
+
+def parse_best(text: str, labels: list[str]) -> str:
+    """The label a best-of answer picked (``"B"``, ``"候选B"``, ``"[b]"`` all read as ``B``).
+
+    Raises:
+        JudgeParseError: No JSON object, no ``best`` field, or a label that was not shown.
+    """
+    data = parse_json_object(text)
+    if "best" not in data:
+        raise JudgeParseError(f"field 'best' missing in {data}")
+    label = re.sub(r"[\s\[\]()（）【】\"'“”]|候选|文案", "", str(data["best"])).upper()
+    if label not in labels:
+        raise JudgeParseError(f"best={data['best']!r} is not one of the shown labels {labels}")
+    return label
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def _key(kind: str, item_key: str, name: str, messages: list[dict]) -> str:
+    """Request key; the hash changes when the prompt does (new generations), so stale answers are not reused."""
+    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+    return f"{kind}:{item_key}:{name}:{digest}"
+
+
+def _answers(client: LLMClient, requests: list[Request], out_dir: Path, name: str) -> tuple[dict, dict]:
+    """Run requests (resumable) and return ``(answers by key, failure reasons by key)``."""
+    out_path, failures_path = out_dir / f"{name}.jsonl", out_dir / f"{name}_failures.jsonl"
+    run_requests(client, requests, out_path, failures_path, desc=f"judge {name}")
+    wanted = {request.key for request in requests}
+    answers = {r["key"]: r["text"] for r in read_jsonl_records(out_path) if r["key"] in wanted}
+    failures = {r["key"]: r["reason"] for r in read_jsonl_records(failures_path) if r["key"] in wanted}
+    return answers, failures
+
+
+def _parsed(key: str, answers: dict, failures: dict, parse):
+    """``(value, None)`` for a parsed answer, ``(None, reason)`` for a failed request or parse."""
+    if key not in answers:
+        return None, f"request failed: {failures.get(key, 'no answer')}"
+    try:
+        return parse(answers[key]), None
+    except JudgeParseError as err:
+        return None, f"unparseable answer: {err}"
+
+
+def judge_single(client: LLMClient, brand, items: list[JudgeItem], candidates: list[str], out_dir: str | Path) -> list[SingleScore]:
+    """Score every candidate's copy of every item on the five dimensions.
+
+    Args:
+        client: Judge client (its config's endpoint and model; temperature 0 is forced).
+        brand: The loaded brand.
+        items: Prompts with their copies.
+        candidates: ``golden`` and/or model names present in ``item.outputs``.
+        out_dir: Folder for ``single.jsonl`` / ``single_failures.jsonl`` (resumable).
+
+    Returns:
+        One ``SingleScore`` per (item, candidate); failures have ``scores=None`` and an ``error``.
+    """
+    jobs = []
+    for item in items:
+        for name in candidates:
+            messages = single_messages(brand, item, name)
+            jobs.append((item, name, Request(_key("single", item.key, name, messages), messages, dict(JUDGE_PARAMS))))
+    answers, failures = _answers(client, [job[2] for job in jobs], Path(out_dir), "single")
+    results = []
+    for item, name, request in jobs:
+        scores, error = _parsed(request.key, answers, failures, parse_scores)
+        results.append(SingleScore(item.key, item.content_type, name, scores, error))
+    return results
+
+
+def judge_best_of(
+    client: LLMClient, brand, items: list[JudgeItem], model: str, out_dir: str | Path, seed: int = 0, base: str = "base"
+) -> list[BestOfVerdict]:
+    """Blind best-of-3 (golden / ``model`` / ``base``), each judged in two orders.
+
+    Args:
+        client: Judge client.
+        brand: The loaded brand.
+        items: Prompts whose ``outputs`` hold ``model`` and ``base``.
+        model: The fine-tuned model's name.
+        out_dir: Folder for ``best_of.jsonl`` / ``best_of_failures.jsonl`` (resumable).
+        seed: Seed of the random orders and labels.
+        base: Name of the base model's outputs.
+
+    Returns:
+        One ``BestOfVerdict`` per item.
+    """
+    jobs = []
+    for item in items:
+        layouts = best_of_layouts(f"{item.key}:{model}", ["golden", model, base], seed)
+        requests = []
+        for number, shown in enumerate(layouts):
+            messages = best_of_messages(brand, item, [(label, item.text(name)) for label, name in shown])
+            requests.append(Request(_key(f"best{number}", item.key, model, messages), messages, dict(JUDGE_PARAMS)))
+        jobs.append((item, layouts, requests))
+    answers, failures = _answers(client, [r for job in jobs for r in job[2]], Path(out_dir), "best_of")
+    results = []
+    for item, layouts, requests in jobs:
+        winners, errors = [], []
+        for shown, request in zip(layouts, requests):
+            labels = [label for label, _ in shown]
+            label, error = _parsed(request.key, answers, failures, lambda text: parse_best(text, labels))
+            winners.append(dict(shown)[label] if label else None)
+            errors.append(error)
+        orders = [[name for _, name in shown] for shown in layouts]
+        results.append(BestOfVerdict(item.key, item.content_type, model, orders, winners, errors))
+    return results
+
+
+# --- summaries -----------------------------------------------------------------------------------
+
+
+def position_bias(verdicts: list[BestOfVerdict]) -> dict[str, float | int]:
+    """How often the first position won, per round, and how often the two rounds agreed.
+
+    An unbiased judge picks the first position about 1/3 of the time in both rounds; a judge that
+    always picks it wins it 100% of the time and never agrees with itself (every verdict a tie).
+
+    Returns:
+        ``first_won_original``, ``first_won_swapped`` (fractions of parsed rounds),
+        ``agreement`` (fraction of verdicts with both rounds parsed that agreed), ``ties``,
+        ``failed`` and ``n``.
+    """
+    rates = []
+    for number in (0, 1):
+        parsed = [v for v in verdicts if v.winners[number] is not None]
+        first = sum(v.winners[number] == v.orders[number][0] for v in parsed)
+        rates.append(first / len(parsed) if parsed else float("nan"))
+    complete = [v for v in verdicts if v.verdict != "failed"]
+    return {
+        "first_won_original": rates[0],
+        "first_won_swapped": rates[1],
+        "agreement": sum(v.verdict != "tie" for v in complete) / len(complete) if complete else float("nan"),
+        "ties": sum(v.verdict == "tie" for v in verdicts),
+        "failed": sum(v.verdict == "failed" for v in verdicts),
+        "n": len(verdicts),
+    }
+
+
+def mean_scores(scores: list[SingleScore]) -> dict[str, dict[str, float]]:
+    """Mean single-answer score (over dimensions, then copies) per content type and candidate.
+
+    Failed judgements are left out of the mean and counted by ``failure_counts``.
+
+    Returns:
+        ``{content_type or "overall": {candidate: mean}}``; a candidate without any parsed
+        score in a group is absent from it.
+    """
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for score in scores:
+        if score.scores is not None:
+            groups[score.content_type][score.candidate].append(score.mean)
+            groups["overall"][score.candidate].append(score.mean)
+    return {group: {name: sum(v) / len(v) for name, v in by_name.items()} for group, by_name in groups.items()}
+
+
+def dimension_means(scores: list[SingleScore], content_type: str | None = None) -> dict[str, dict[str, float]]:
+    """Mean score per dimension per candidate, for one content type or all (``None``)."""
+    sums: dict[str, Counter] = defaultdict(Counter)
+    counts: Counter = Counter()
+    for score in scores:
+        if score.scores is not None and content_type in (None, score.content_type):
+            sums[score.candidate].update(score.scores)
+            counts[score.candidate] += 1
+    return {name: {dim: sums[name][dim] / counts[name] for dim in DIMENSIONS} for name in sums}
+
+
+def best_counts(verdicts: list[BestOfVerdict]) -> dict[str, Counter]:
+    """Verdict counts (golden / model / base / tie / failed) per content type and ``overall``."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for verdict in verdicts:
+        counts[verdict.content_type][verdict.verdict] += 1
+        counts["overall"][verdict.verdict] += 1
+    return counts
+
+
+def failure_counts(scores: list[SingleScore], verdicts: list[BestOfVerdict]) -> dict[str, int]:
+    """Judge failures by kind: single-answer and best-of rounds that failed to parse or to run."""
+    rounds = [error for verdict in verdicts for error in verdict.errors if error]
+    singles = [score.error for score in scores if score.error]
+    return {
+        "single_total": len(scores),
+        "single_failed": len(singles),
+        "single_unparseable": sum(e.startswith("unparseable") for e in singles),
+        "best_of_rounds": 2 * len(verdicts),
+        "best_of_rounds_failed": len(rounds),
+        "best_of_rounds_unparseable": sum(e.startswith("unparseable") for e in rounds),
+    }
+
+
+# --- a judge that needs no API (tests, demo) -----------------------------------------------------
+
+_SINGLE_TEXT = re.compile(r"【待评文案】\n(.*?)\n【待评文案结束】", re.S)
+_CANDIDATE = re.compile(r"【候选 ([A-Z])】\n(.*?)\n【候选 \1 结束】", re.S)
+_PRODUCT_ID = re.compile(r"^产品编号：(\S+)$", re.M)
+_CONTENT_TYPE = re.compile(r"^内容类型：([a-z_]+)（", re.M)
+
+
+@dataclass
+class JudgePrompt:
+    """What a judge prompt asks about, read back from its text (for scripted judges).
+
+    Attributes:
+        product_id: Product the copies are about.
+        content_type: Their content type.
+        candidates: ``(label, text)`` of the best-of candidates in the order shown, or a single
+            ``("", text)`` for a single-answer prompt.
+    """
+
+    product_id: str
+    content_type: str
+    candidates: list[tuple[str, str]]
+
+    @property
+    def is_best_of(self) -> bool:
+        return self.candidates[0][0] != ""
+
+
+def read_judge_prompt(messages: list[dict]) -> JudgePrompt:
+    """Parse a prompt built by ``single_messages`` or ``best_of_messages``.
+
+    Raises:
+        ValueError: The messages are not a judge prompt.
+    """
+    user = messages[-1]["content"]
+    product, content_type = _PRODUCT_ID.search(user), _CONTENT_TYPE.search(user)
+    single, candidates = _SINGLE_TEXT.search(user), _CANDIDATE.findall(user)
+    if not product or not content_type or not (single or candidates):
+        raise ValueError(f"not a judge prompt: {user[:120]!r}")
+    found = [("", single.group(1))] if single else candidates
+    return JudgePrompt(product.group(1), content_type.group(1), found)
+
+
+def heuristic_scores(brand, text: str, content_type: str, product_id: str) -> dict[str, int]:
+    """Deterministic 1-5 scores from the shared grader: lint score, fact check, CTA.
+
+    A stand-in judge for the demo and tests, not a quality measure: it sees only what lint sees.
+    """
+    if not text.strip():
+        return dict.fromkeys(DIMENSIONS, 1)
+    result = lint_text(brand, text, content_type, product_id)
+    kinds = {violation.kind for violation in result.violations}
+    overall = 1 + round(4 * result.score)
+    return {
+        "tone": overall,
+        "accuracy": 2 if kinds & FACT_KINDS else 5,
+        "structure": overall,
+        "persuasion": 2 if CTA_KIND in kinds else overall,
+        "instruction": overall,
+    }
+
+
+def heuristic_judge_responder(brand):
+    """A ``ScriptedServer`` responder that judges with ``heuristic_scores``.
+
+    Best-of answers pick the highest total score, ties broken by a hash of the text, so the
+    verdict does not depend on position or label and the two rounds agree.
+
+    Returns:
+        ``responder(request_body) -> answer text`` (strict JSON, as the prompts ask).
+    """
+
+    def respond(body: dict) -> str:
+        prompt = read_judge_prompt(body["messages"])
+        if not prompt.is_best_of:
+            scores = heuristic_scores(brand, prompt.candidates[0][1], prompt.content_type, prompt.product_id)
+            return json.dumps({**scores, "reason": "按规则检查打分"}, ensure_ascii=False)
+
+        def rank(candidate: tuple[str, str]) -> tuple[int, str]:
+            total = sum(heuristic_scores(brand, candidate[1], prompt.content_type, prompt.product_id).values())
+            return total, hashlib.sha256(candidate[1].encode("utf-8")).hexdigest()
+
+        label, _ = max(prompt.candidates, key=rank)
+        return json.dumps({"best": label, "reason": "规则检查得分最高"}, ensure_ascii=False)
+
+    return respond

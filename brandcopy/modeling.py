@@ -1,0 +1,798 @@
+"""Models and tokenizers: the tiny local model, 4-bit loading, and the EOS/pad/chat-template fix.
+
+Everything that trains or evaluates a model gets it from here:
+
+- ``build_tiny_model`` writes a 2-layer Qwen2 model whose tokenizer is trained on the given text,
+  a stand-in for Qwen2.5-7B-Instruct that loads offline (tests and the CPU demo).
+- ``load_model`` / ``load_adapter_model`` return ``(model, tokenizer)`` through Unsloth or plain
+  transformers + bitsandbytes + PEFT.
+- ``fix_special_tokens`` makes the end-of-turn token the EOS, gives pad its own token and swaps in a
+  chat template with TRL's ``{% generation %}`` markers, so the model learns to stop.
+- ``check_training_example`` shows which tokens carry loss and fails loudly when the end-of-turn
+  token does not.
+
+On a GPU, ``import unsloth`` before anything that imports transformers or trl (first notebook
+cell), so that its patches apply.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+logger = logging.getLogger(__name__)
+
+END_OF_TURN = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+ADDED_PAD = "<|pad|>"  # only added when the vocabulary has no spare special token to pad with
+CHATML_SPECIAL_TOKENS = [ENDOFTEXT, "<|im_start|>", END_OF_TURN]
+BACKENDS = ("auto", "unsloth", "hf")
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNSLOTH_INSTALL = "pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 (see requirements-unsloth.txt)"
+
+# Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-7B-Instruct).
+QWEN25_CHAT_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# The same template with the plain assistant turn (content, <|im_end|> and its newline) inside
+# {% generation %} markers, so `return_assistant_tokens_mask=True` (TRL's assistant_only_loss)
+# trains the end-of-turn token. It renders every conversation exactly like the original.
+QWEN25_TRAINING_CHAT_TEMPLATE = QWEN25_CHAT_TEMPLATE.replace(
+    """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+""",
+    """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" and not message.tool_calls %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- generation %}
+        {{- message.content + '<|im_end|>' + '\\n' }}
+        {%- endgeneration %}
+""",
+)
+
+# Templates fix_special_tokens knows how to make training-compatible: original -> training variant.
+TRAINING_CHAT_TEMPLATES = {QWEN25_CHAT_TEMPLATE: QWEN25_TRAINING_CHAT_TEMPLATE}
+
+# Conversations on which a training template must render exactly like the inference template.
+_PROBE_CONVERSATIONS = [
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"}],
+    [
+        {"role": "system", "content": "你是品牌文案助手。"},
+        {"role": "user", "content": "写一句话"},
+        {"role": "assistant", "content": "好的。"},
+        {"role": "user", "content": "再写一句"},
+        {"role": "assistant", "content": "没问题。"},
+    ],
+]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings shared by both backends.
+
+    Attributes:
+        r: Rank of the update matrices; higher learns more and costs more memory.
+        alpha: Scaling numerator; the update is scaled by alpha / r.
+        dropout: Dropout on the adapter input (Unsloth's fast path wants 0).
+        target_modules: Linear layers that get an adapter (all attention and MLP projections).
+        seed: Seed for the adapter's initial weights.
+    """
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    seed: int = 3407
+
+
+# --- the tiny model ------------------------------------------------------------------------------
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    texts: list[str],
+    *,
+    vocab_size: int = 4096,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Train a Qwen2 tokenizer on `texts` and save it with a small random Qwen2ForCausalLM.
+
+    The tokenizer is a byte-level BPE with Qwen2's split regex and NFC normalization (what
+    AutoTokenizer rebuilds as Qwen2Tokenizer, so ids survive a reload), the ChatML special tokens
+    and Qwen2.5-Instruct's chat template. Special tokens are set as Qwen2.5-Instruct ships them:
+    eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos.
+
+    Args:
+        out_dir: Folder to write; created if missing.
+        texts: Training text for the tokenizer (any language; unseen characters fall back to bytes).
+        vocab_size: Upper bound on the vocabulary; small corpora give fewer tokens.
+        hidden_size: Model width; bitsandbytes' CPU 4-bit kernels need at least 64.
+        num_layers: Decoder layers.
+        seed: Seed for the model's random weights.
+
+    Returns:
+        The folder, loadable by AutoModelForCausalLM / AutoTokenizer with HF_HUB_OFFLINE=1.
+
+    Raises:
+        ValueError: If `texts` is empty.
+    """
+    if not texts:
+        raise ValueError("build_tiny_model needs at least one text to train the tokenizer on.")
+    out_dir = Path(out_dir)
+    tokenizer = train_qwen2_tokenizer(texts, vocab_size=vocab_size)
+    model = _tiny_qwen2(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_qwen2_tokenizer(texts: list[str], *, vocab_size: int = 4096) -> Qwen2Tokenizer:
+    """Train a byte-level BPE exactly as Qwen2Tokenizer pre-tokenizes, with ChatML special tokens.
+
+    Args:
+        texts: Training text.
+        vocab_size: Upper bound on the vocabulary size.
+
+    Returns:
+        A Qwen2Tokenizer with Qwen2.5-Instruct's special tokens and chat template.
+    """
+    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHATML_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=trained["vocab"],
+        merges=[tuple(pair) for pair in trained["merges"]],
+        eos_token=END_OF_TURN,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+        bos_token=None,
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        model_max_length=32768,
+    )
+    # Qwen2Tokenizer registers only eos/pad as added tokens; <|im_start|> must be one too, or the
+    # template's markers would be split into bytes.
+    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_qwen2(tokenizer: Qwen2Tokenizer, *, hidden_size: int, num_layers: int, seed: int) -> Qwen2ForCausalLM:
+    """A random Qwen2ForCausalLM whose config and generation config mirror Qwen2.5-7B-Instruct's."""
+    endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, END_OF_TURN])
+    config = Qwen2Config(
+        vocab_size=_round_up(len(tokenizer), 64),  # Qwen pads its embedding rows past the tokenizer, too
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    # Qwen2.5-Instruct's generation_config.json, minus its sampling defaults: callers choose those.
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
+    )
+    return model
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    backend: str = "auto",
+    load_in_4bit: bool = False,
+    max_seq_length: int = 2048,
+    lora: LoraSettings | dict | None = None,
+    dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool | None = None,
+):
+    """Load a causal LM and its tokenizer, optionally 4-bit and with a fresh LoRA adapter.
+
+    Args:
+        name_or_path: Local model folder or hub id (hub ids must be cached when HF_HUB_OFFLINE=1).
+            For a saved adapter folder use `load_adapter_model`.
+        backend: "unsloth" (FastLanguageModel), "hf" (transformers + bitsandbytes + PEFT), or
+            "auto": unsloth where CUDA is present and unsloth imports, else hf.
+        load_in_4bit: Quantize the base weights to NF4 with double quantization (QLoRA).
+        max_seq_length: Longest sequence the model will be trained on.
+        lora: LoRA settings (or a dict of LoraSettings fields) to attach a new trainable adapter;
+            None returns the bare model (all parameters trainable unless 4-bit).
+        dtype: Compute dtype; default bfloat16 (float16 on GPUs without bf16) on CUDA, float32 on CPU.
+        gradient_checkpointing: Recompute activations to save memory; default on where CUDA is present.
+
+    Returns:
+        (model, tokenizer). With `lora`, the model is a PeftModel with only the adapter trainable.
+
+    Raises:
+        FileNotFoundError: The model folder (or cached hub model) is missing.
+        ValueError: Bad backend, an adapter folder given, or a tokenizer without a chat template.
+        ImportError: unsloth or bitsandbytes asked for but not installed.
+    """
+    name_or_path = str(name_or_path)
+    if (Path(name_or_path) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{name_or_path} is a LoRA adapter folder, not a model: load it with "
+            f"brandcopy.modeling.load_adapter_model({name_or_path!r})."
+        )
+    lora = _lora_settings(lora)
+    backend = _preflight(name_or_path, backend, load_in_4bit)
+    tokenizer = _load_tokenizer(name_or_path)
+    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing))
+    if backend == "unsloth":
+        return _load_unsloth(name_or_path, options, lora)
+    return _load_hf(name_or_path, tokenizer, options, lora)
+
+
+def load_adapter_model(
+    adapter_dir: str | Path,
+    *,
+    trainable: bool = False,
+    base_model: str | Path | None = None,
+    backend: str = "auto",
+    load_in_4bit: bool = False,
+    max_seq_length: int = 2048,
+    dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool | None = None,
+):
+    """Load a saved LoRA adapter on top of its base model (DPO/GRPO start from the SFT adapter).
+
+    Args:
+        adapter_dir: Folder written by `model.save_pretrained` of a PeftModel (has adapter_config.json).
+            Its tokenizer is used when saved there (it carries fix_special_tokens' changes), else the base's.
+        trainable: Keep training the adapter (True) or freeze it for evaluation/generation (False).
+        base_model: Base to load instead of adapter_config.json's `base_model_name_or_path`
+            (e.g. the 16-bit base for merging); hf backend only.
+        backend: As in `load_model`.
+        load_in_4bit: As in `load_model`.
+        max_seq_length: As in `load_model`.
+        dtype: As in `load_model`.
+        gradient_checkpointing: As in `load_model`.
+
+    Returns:
+        (PeftModel, tokenizer).
+
+    Raises:
+        FileNotFoundError: No adapter_config.json in `adapter_dir`, or the base model is missing.
+        ValueError: `base_model` with backend "unsloth", or other bad input as in `load_model`.
+        ImportError: As in `load_model`.
+    """
+    adapter_dir = Path(adapter_dir)
+    base = str(base_model) if base_model is not None else adapter_base_model(adapter_dir)
+    backend = _preflight(base, backend, load_in_4bit)
+    if backend == "unsloth" and base_model is not None:
+        raise ValueError("load_adapter_model(base_model=...) is only supported with backend='hf'.")
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = _load_tokenizer(str(adapter_dir) if has_tokenizer else base)
+    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing))
+    if backend == "unsloth":
+        model, tokenizer = _load_unsloth(str(adapter_dir), options, None)  # unsloth flips this tokenizer's padding side
+        _set_trainable(model, trainable)
+        return model, tokenizer
+    return _load_hf(base, tokenizer, options, None, adapter=(adapter_dir, trainable))
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on (adapter_config.json's `base_model_name_or_path`).
+
+    Raises:
+        FileNotFoundError: `adapter_dir` has no adapter_config.json.
+        ValueError: The config names no base model.
+    """
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} does not exist: {adapter_dir} is not a LoRA adapter folder "
+            "(train one with `brandcopy train sft`, or pass a model folder to load_model)."
+        )
+    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path}: field base_model_name_or_path is empty; pass base_model=... explicitly.")
+    return base
+
+
+@dataclass
+class _LoadOptions:
+    load_in_4bit: bool
+    max_seq_length: int
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+
+
+def _lora_settings(lora: LoraSettings | dict | None) -> LoraSettings | None:
+    if isinstance(lora, dict):
+        unknown = set(lora) - set(asdict(LoraSettings()))
+        if unknown:
+            raise ValueError(f"Unknown LoRA setting(s) {sorted(unknown)}; known: {sorted(asdict(LoraSettings()))}.")
+        return LoraSettings(**lora)
+    return lora
+
+
+def _preflight(name_or_path: str, backend: str, load_in_4bit: bool) -> str:
+    """Check every input that can fail before loading anything; return the concrete backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+    _check_model_source(name_or_path)
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "load_in_4bit=True needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes==0.50.2, or pass load_in_4bit=False."
+        )
+    if backend == "unsloth":
+        _import_unsloth()
+    if backend == "auto":
+        return _pick_backend()
+    return backend
+
+
+def _check_model_source(name_or_path: str) -> None:
+    """A local folder must hold config.json; a hub id must be cached when offline."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: it is not a model folder saved by save_pretrained.")
+        return
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is not None
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"Model folder {name_or_path} does not exist. Build the tiny model with "
+            "brandcopy.modeling.build_tiny_model, or pass a hub id such as Qwen/Qwen2.5-7B-Instruct."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _is_cached(name_or_path):
+        raise FileNotFoundError(
+            f"{name_or_path} is neither a local folder nor a model in the Hugging Face cache, and "
+            "HF_HUB_OFFLINE=1 forbids downloading it. Fix the path, or download it first with "
+            f"`HF_HUB_OFFLINE=0 huggingface-cli download {name_or_path}`."
+        )
+
+
+def _is_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _import_unsloth():
+    """Import unsloth or explain how to get it."""
+    if importlib.util.find_spec("unsloth") is None:
+        raise ImportError(f"backend='unsloth' but unsloth is not installed: {UNSLOTH_INSTALL}, or use backend='hf'.")
+    import unsloth
+
+    return unsloth
+
+
+def _pick_backend() -> str:
+    if not torch.cuda.is_available():
+        logger.info("backend=auto -> hf: no CUDA device (unsloth's GPU kernels need one).")
+        return "hf"
+    if importlib.util.find_spec("unsloth") is None:
+        logger.info("backend=auto -> hf: CUDA is present but unsloth is not installed (%s).", UNSLOTH_INSTALL)
+        return "hf"
+    logger.info("backend=auto -> unsloth: CUDA is present and unsloth is installed.")
+    return "unsloth"
+
+
+def _default_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _default_gc(gradient_checkpointing: bool | None) -> bool:
+    return torch.cuda.is_available() if gradient_checkpointing is None else gradient_checkpointing
+
+
+def _load_tokenizer(name_or_path: str):
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"The tokenizer of {name_or_path} has no chat template. Use an -Instruct model, or set "
+            "tokenizer.chat_template = brandcopy.modeling.QWEN25_CHAT_TEMPLATE and save the tokenizer."
+        )
+    return tokenizer
+
+
+def _load_hf(name_or_path: str, tokenizer, options: _LoadOptions, lora: LoraSettings | None, adapter=None):
+    """transformers + bitsandbytes + PEFT; `adapter` is (folder, trainable) or None."""
+    trains = lora is not None or (adapter is not None and adapter[1])
+    quantization = _bnb_config(options.dtype) if options.load_in_4bit else None
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=options.dtype, quantization_config=quantization, device_map=_device()
+    )
+    if options.load_in_4bit and trains:
+        model = prepare_model_for_kbit_training(
+            model, options.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif options.gradient_checkpointing and trains:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if options.load_in_4bit and not torch.cuda.is_available():
+        _keep_cpu_4bit_trainable(model)
+    _resize_embeddings(model, tokenizer)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter[0]), is_trainable=adapter[1])
+    elif lora is not None:
+        model = get_peft_model(model, _lora_config(lora))
+    logger.info("Loaded %s with transformers (4-bit=%s, dtype=%s).", name_or_path, options.load_in_4bit, options.dtype)
+    return model, tokenizer
+
+
+def _bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    bitsandbytes 0.50 repacks a Linear4bit weight in place on the first no-grad forward on CPUs
+    with AVX512-BF16 and never unpacks it, so training after any evaluation or generate() breaks.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _resize_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer has more tokens (a pad token added by fix_special_tokens)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _lora_config(lora: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_unsloth(name_or_path: str, options: _LoadOptions, lora: LoraSettings | None):
+    """FastLanguageModel.from_pretrained (+ get_peft_model); reads adapter folders itself."""
+    from unsloth import FastLanguageModel
+
+    # "unsloth" offloads activations to CPU RAM on GPU, Unsloth's recommended setting for 24 GB.
+    checkpointing = "unsloth" if options.gradient_checkpointing and torch.cuda.is_available() else options.gradient_checkpointing
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=name_or_path,
+        max_seq_length=options.max_seq_length,
+        dtype=options.dtype,
+        load_in_4bit=options.load_in_4bit,
+        use_gradient_checkpointing=checkpointing,
+    )
+    if lora is not None:
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            target_modules=lora.target_modules,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias="none",
+            use_gradient_checkpointing=checkpointing,
+            random_state=lora.seed,
+        )
+    logger.info("Loaded %s with unsloth (4-bit=%s).", name_or_path, options.load_in_4bit)
+    return model, tokenizer
+
+
+def _set_trainable(model, trainable: bool) -> None:
+    """Unsloth loads adapters trainable; freeze them for evaluation."""
+    if trainable:
+        return
+    from unsloth import FastLanguageModel
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    FastLanguageModel.for_inference(model)
+
+
+# --- EOS / pad / chat template -------------------------------------------------------------------
+
+
+def fix_special_tokens(model, tokenizer) -> dict[str, tuple]:
+    """Make the model trainable to stop: eos = end-of-turn, pad != eos, template with generation markers.
+
+    The seed bug this prevents: with pad == eos, collators that mask pad ids in the labels
+    (transformers' DataCollatorForLanguageModeling) also mask every ``<|im_end|>``, so the model
+    never learns to end its turn. Tokenizer, ``model.config`` and ``model.generation_config`` are
+    updated together. Idempotent: a second call changes nothing and returns {}.
+
+    Args:
+        model: The model (or PeftModel) the tokenizer belongs to; its embeddings grow only when a
+            pad token had to be added.
+        tokenizer: A ChatML tokenizer (its chat template must use ``<|im_end|>``).
+
+    Returns:
+        What changed: {name: (old, new)} for "eos_token", "pad_token", "chat_template",
+        "config.eos_token_id", "config.pad_token_id", "generation_config.eos_token_id",
+        "generation_config.pad_token_id", "embeddings".
+
+    Raises:
+        ValueError: No chat template, a template that does not use ``<|im_end|>``, or one this
+            function cannot make training-compatible (see TRAINING_CHAT_TEMPLATES).
+    """
+    changes = {}
+    _set_eos(tokenizer, changes)
+    _set_pad(model, tokenizer, changes)
+    _set_training_template(tokenizer, changes)
+    _sync_model_ids(model, tokenizer, changes)
+    return changes
+
+
+def _set_eos(tokenizer, changes: dict) -> None:
+    if tokenizer.chat_template is None or END_OF_TURN not in tokenizer.chat_template:
+        raise ValueError(
+            f"fix_special_tokens supports ChatML chat templates ending turns with {END_OF_TURN}; this tokenizer's "
+            "template is missing or does not use it. Set tokenizer.chat_template = brandcopy.modeling.QWEN25_CHAT_TEMPLATE."
+        )
+    if tokenizer.eos_token != END_OF_TURN:
+        changes["eos_token"] = (tokenizer.eos_token, END_OF_TURN)
+        tokenizer.eos_token = END_OF_TURN
+
+
+def _set_pad(model, tokenizer, changes: dict) -> None:
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return
+    spare = ENDOFTEXT if ENDOFTEXT in tokenizer.get_vocab() else ADDED_PAD
+    changes["pad_token"] = (tokenizer.pad_token, spare)
+    if spare in tokenizer.get_vocab():
+        tokenizer.pad_token = spare
+        return
+    tokenizer.add_special_tokens({"pad_token": spare})
+    rows = model.get_input_embeddings().num_embeddings
+    _resize_embeddings(model, tokenizer)
+    changes["embeddings"] = (rows, model.get_input_embeddings().num_embeddings)
+
+
+def _set_training_template(tokenizer, changes: dict) -> None:
+    template = tokenizer.chat_template
+    if has_generation_markers(template):
+        return
+    if template not in TRAINING_CHAT_TEMPLATES:
+        raise ValueError(
+            "The chat template has no {% generation %} markers and is not one fix_special_tokens knows "
+            "(Qwen2.5's). Wrap the assistant content and its <|im_end|> in {% generation %}...{% endgeneration %} "
+            "and set tokenizer.chat_template to it."
+        )
+    training = TRAINING_CHAT_TEMPLATES[template]
+    _assert_same_rendering(tokenizer, template, training)
+    tokenizer.chat_template = training
+    changes["chat_template"] = ("inference template", "training template with {% generation %} markers")
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether a chat template marks assistant output with ``{% generation %}`` (as TRL checks it)."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _assert_same_rendering(tokenizer, template: str, training: str) -> None:
+    for messages in _PROBE_CONVERSATIONS:
+        for prompt_only in (False, True):
+            conversation = messages[:-1] if prompt_only else messages
+            expected, got = (
+                tokenizer.apply_chat_template(conversation, chat_template=t, tokenize=False, add_generation_prompt=prompt_only)
+                for t in (template, training)
+            )
+            if expected != got:
+                raise ValueError(f"Training template renders differently from the original:\n{expected!r}\n!=\n{got!r}")
+
+
+def _sync_model_ids(model, tokenizer, changes: dict) -> None:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for name, config in (("config", model.config), ("generation_config", model.generation_config)):
+        for key, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+            if getattr(config, key) != value:
+                changes[f"{name}.{key}"] = (getattr(config, key), value)
+                setattr(config, key, value)
+
+
+# --- checking a training example -----------------------------------------------------------------
+
+
+class TrainingExampleError(ValueError):
+    """A training example would not teach the model to end its turn."""
+
+
+@dataclass
+class TrainingExampleReport:
+    """Which parts of one rendered example carry loss.
+
+    Attributes:
+        spans: The rendered example cut into (text, carries_loss) runs of consecutive tokens.
+        num_tokens: Tokens in the example.
+        num_trained: Tokens that carry loss.
+    """
+
+    spans: list[tuple[str, bool]]
+    num_tokens: int
+    num_trained: int
+
+    @property
+    def trained_text(self) -> str:
+        """The text of the tokens that carry loss."""
+        return "".join(text for text, trained in self.spans if trained)
+
+    def __str__(self) -> str:
+        """The rendered example with the spans that carry loss wrapped in [[ ]]."""
+        return "".join(f"[[{text}]]" if trained else text for text, trained in self.spans)
+
+
+def _report(tokenizer, ids: list[int], mask: list[int]) -> TrainingExampleReport:
+    """Decode runs of equally masked tokens together (one Chinese character may span tokens)."""
+    spans, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            spans.append((tokenizer.decode(ids[start:end]), bool(mask[start])))
+            start = end
+    return TrainingExampleReport(spans, len(ids), sum(mask))
+
+
+def check_training_example(tokenizer, example: dict) -> TrainingExampleReport:
+    """Render one conversational example as SFT with assistant-only loss would, and check it.
+
+    Call it after fix_special_tokens and before training; print the report to see which tokens
+    the model learns from (``[[...]]``).
+
+    Args:
+        tokenizer: The tokenizer training will use.
+        example: {"messages": [...]} ending with an assistant message (TRL's conversational format).
+
+    Returns:
+        The report (str() shows the trained spans).
+
+    Raises:
+        TrainingExampleError: pad == eos (collators that mask pad ids would drop the end-of-turn
+            token), the final end-of-turn token carries no loss, or the inference prompt is not
+            an exact prefix of the training rendering.
+    """
+    messages = example["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise TrainingExampleError(f"The example must end with an assistant message, not {messages[-1]['role']!r}.")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise TrainingExampleError(
+            f"pad_token == eos_token ({tokenizer.eos_token!r}): collators that mask pad ids in the labels also "
+            "mask every end-of-turn token, so the model never learns to stop. Run fix_special_tokens first."
+        )
+    rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = rendered["input_ids"], rendered["assistant_masks"]
+    report = _report(tokenizer, ids, list(mask))
+    _check_end_of_turn_trained(tokenizer, ids, mask, report)
+    _check_prompt_prefix(tokenizer, messages, ids, mask, report)
+    return report
+
+
+def _check_end_of_turn_trained(tokenizer, ids: list[int], mask: list[int], report: TrainingExampleReport) -> None:
+    eos_positions = [i for i, token_id in enumerate(ids) if token_id == tokenizer.eos_token_id]
+    if not eos_positions or not mask[eos_positions[-1]]:
+        raise TrainingExampleError(
+            f"The final end-of-turn token {tokenizer.eos_token!r} carries no loss, so the model will not learn to stop "
+            f"(trained spans in [[ ]]):\n{report}\nRun fix_special_tokens so the template has {{% generation %}} "
+            "markers around the assistant content and its end-of-turn token."
+        )
+
+
+def _check_prompt_prefix(tokenizer, messages: list[dict], ids: list[int], mask: list[int], report) -> None:
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    prompt_ids = prompt["input_ids"]
+    first_trained = max(i for i, trained in enumerate(mask) if trained and (i == 0 or not mask[i - 1]))
+    if ids[: len(prompt_ids)] != prompt_ids or first_trained != len(prompt_ids):
+        raise TrainingExampleError(
+            "Training and inference render this conversation differently: the generation prompt\n"
+            f"{tokenizer.decode(prompt_ids)!r}\nis not the exact untrained prefix of the training text\n{report}"
+        )

@@ -1,0 +1,247 @@
+"""Every prompt string the library sends: system prompt, user instruction, chat messages.
+
+The user instruction carries the product facts (ingredients with concentrations, allowed claims,
+texture, usage, cautions) so that a fine-tuned model sees them at inference, exactly as in
+training. ``build_instruction`` is deterministic: golden.jsonl stores its output verbatim.
+Generation, cleaning and negative prompts (datagen) are added below the chat section.
+"""
+
+
+def system_prompt(brand):
+    """The brand's system prompt: persona, philosophy and tone rules, in Chinese.
+
+    Args:
+        brand: a loaded Brand.
+
+    Returns:
+        The system message text.
+    """
+    rules = "\n".join(f"{i}. {rule}" for i, rule in enumerate(brand.tone_rules, start=1))
+    return (
+        f"你是{brand.name}（{brand.name_en}）的品牌文案撰写人。品牌理念：{brand.philosophy}。\n"
+        f"人设：{brand.persona}\n"
+        f"写作规则：\n{rules}\n"
+        f"{len(brand.tone_rules) + 1}. {brand.exclamation_policy}\n"
+        f"{len(brand.tone_rules) + 2}. 只写产品信息中给出的成分、浓度和功效；产品信息未给出浓度的成分，不写浓度。\n"
+        f"{len(brand.tone_rules) + 3}. 直接输出文案正文，不加标题标签、Markdown符号或任何说明。"
+    )
+
+
+def _ingredient_line(ingredient):
+    detail = [ingredient.note] if ingredient.note else []
+    if ingredient.concentration is None:
+        detail.append("浓度未公开")
+    text = ingredient.name if ingredient.concentration is None else f"{ingredient.name} {ingredient.concentration}"
+    return f"{text}（{'，'.join(detail)}）" if detail else text
+
+
+def product_facts(product):
+    """The product facts block of an instruction, one fact per line, in Chinese."""
+    lines = [
+        f"品类：{product.category}",
+        f"管理类别：{product.registration}",
+        f"核心成分：{'；'.join(_ingredient_line(i) for i in product.ingredients)}",
+        f"可宣称功效：{'、'.join(product.claims)}",
+    ]
+    if product.spf:
+        lines.append(f"防晒指数：SPF{product.spf} PA{product.pa}")
+    lines += [
+        f"适用肤质：{'、'.join(product.skin_types)}",
+        f"质地：{product.texture}",
+        f"用法：{product.usage}",
+        f"注意事项：{'；'.join(product.cautions)}",
+        f"规格与价格：{product.size}，{product.price:g}元",
+    ]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def build_instruction(brand, product_id, content_type):
+    """The user instruction for one (product, content type): task, requirements and product facts.
+
+    Args:
+        brand: a loaded Brand.
+        product_id: a product id of the brand's catalog (``"YS-001"``).
+        content_type: a content type id (``"paid_ad_fab"``).
+
+    Returns:
+        The instruction text; the same arguments always give the same text.
+
+    Raises:
+        KeyError: unknown product_id or content_type.
+    """
+    product = brand.product(product_id)
+    spec = brand.content_type(content_type)
+    low, high = spec.length
+    parts = [
+        f"请为{brand.name}「{product.name}」撰写{spec.name_zh}。",
+        spec.instruction,
+        f"篇幅：{low}–{high}字（不计空白）。",
+    ]
+    if spec.cta_required:
+        parts.append(f"结尾需要明确的行动号召，例如：{'；'.join(brand.cta_phrases[:3])}。")
+    parts.append(f"产品信息：\n{product_facts(product)}")
+    return "\n".join(parts)
+
+
+def chat_messages(brand, product_id, content_type, text=None):
+    """System and user messages for one (product, content type), plus the assistant copy if given.
+
+    Args:
+        brand: a loaded Brand.
+        product_id: a product id of the brand's catalog.
+        content_type: a content type id.
+        text: the copy, appended as the assistant message (training); None for a prompt.
+
+    Returns:
+        list of ``{"role", "content"}`` dicts.
+    """
+    messages = [
+        {"role": "system", "content": system_prompt(brand)},
+        {"role": "user", "content": build_instruction(brand, product_id, content_type)},
+    ]
+    if text is not None:
+        messages.append({"role": "assistant", "content": text})
+    return messages
+
+
+# --- data generation prompts (datagen.py) -------------------------------------------------
+
+
+GENERATE, REPAIR, EXAGGERATED, FAKE = "生成", "修改", "反例-夸大", "反例-失实"
+CLEAN_PASSES = {  # pass name -> (task label, what the rewrite must do)
+    "markup": ("清洗-去标记", "删除原文中残留的标签、标题标记、Markdown符号、方括号或括号里的写作说明、“文案：”之类的提示词等非正文内容；正文措辞保持不变。"),
+    "persona": ("清洗-人设故事", "这篇笔记读起来平淡，像产品说明书。请用品牌人设的第一人称（“我”）重写：加入一个具体的场景或小故事（例如一位读者的困扰、一次配方测试或自己的使用经历），让读者读到真实的人和经历；事实保持不变。"),
+    "cta": ("清洗-补充行动号召", "这篇广告缺少行动号召。请在结尾补上一句明确的行动号召，其余内容保持不变。"),
+}
+
+
+def _task_header(task, product_id, content_type):
+    """The first lines of every datagen prompt: the task label and the ids it concerns."""
+    return f"任务：{task}\n产品编号：{product_id}\n文案类型：{content_type}\n"
+
+
+def _source_block(text):
+    return f"【原文】\n{text}\n【原文结束】\n"
+
+
+def _guide(brand, spec):
+    structure = "\n".join(f"{i}. {step}" for i, step in enumerate(spec.structure, start=1))
+    claims = "、".join(dict.fromkeys(reason.split("（")[0] for _, reason in brand.absolute_claims))
+    return (
+        f"本类文案的目的：{spec.purpose}\n结构：\n{structure}\n"
+        f"鼓励使用的词：{'、'.join(brand.encouraged_words)}\n"
+        f"禁止使用的词：{'、'.join(brand.banned_words)}\n"
+        f"禁止的表述：{claims}\n"
+        f"可用的行动号召：{'；'.join(brand.cta_phrases)}\n"
+    )
+
+
+def generation_messages(brand, product_id, content_type, examples, variant=0):
+    """Messages asking a teacher model for one piece of copy (datagen step 1).
+
+    Args:
+        brand: a loaded Brand.
+        product_id: the product to write about.
+        content_type: a content type id.
+        examples: golden copy texts of the same content type (other products) shown as style models.
+        variant: 0 for the first sample of this pair; n > 0 asks for another angle.
+
+    Returns:
+        System and user messages.
+    """
+    spec = brand.content_type(content_type)
+    shots = "".join(f"【范例{i}】\n{text}\n" for i, text in enumerate(examples, start=1))
+    user = _task_header(GENERATE, product_id, content_type) + build_instruction(brand, product_id, content_type) + "\n"
+    user += _guide(brand, spec)
+    if shots:
+        user += f"参考范例（来自其他产品：只学习结构与语气，不要照搬其中的成分、浓度和功效）：\n{shots}"
+    if variant:
+        user += f"这是同一产品的第{variant + 1}篇，请换一个切入角度和开头。\n"
+    user += "只输出文案正文。"
+    teacher = "你同时是一位资深化妆品配方师：写完后逐条核对产品信息，确保每个成分、浓度和功效都有出处。"
+    return [{"role": "system", "content": system_prompt(brand) + "\n" + teacher}, {"role": "user", "content": user}]
+
+
+def repair_messages(messages, text, problems):
+    """Continues a generation conversation asking to fix the problems lint found.
+
+    Args:
+        messages: the messages that produced ``text``.
+        text: the rejected copy.
+        problems: one line per problem (kind, message, offending span).
+
+    Returns:
+        The conversation plus the rejected answer and a repair request.
+    """
+    listed = "\n".join(f"- {problem}" for problem in problems)
+    ask = (
+        f"任务：{REPAIR}\n这篇文案有以下问题：\n{listed}\n"
+        "请逐条修正，其余内容尽量保持不变；只写产品信息中给出的成分、浓度和功效。只输出修改后的完整文案。"
+    )
+    return messages + [{"role": "assistant", "content": text}, {"role": "user", "content": ask}]
+
+
+def clean_messages(brand, product_id, content_type, text, pass_name):
+    """Messages asking for one cleaning rewrite (datagen step 2).
+
+    Args:
+        brand: a loaded Brand.
+        product_id: the product the copy is about.
+        content_type: a content type id.
+        text: the copy to rewrite.
+        pass_name: a key of ``CLEAN_PASSES`` (markup, persona, cta).
+
+    Returns:
+        System and user messages.
+    """
+    task, ask = CLEAN_PASSES[pass_name]
+    user = (
+        _task_header(task, product_id, content_type)
+        + build_instruction(brand, product_id, content_type) + "\n"
+        + _guide(brand, brand.content_type(content_type))
+        + _source_block(text)
+        + ask
+        + "\n不得加入产品信息以外的成分、浓度或功效，不得使用禁用词、绝对化用语和多个感叹号。只输出改写后的完整文案。"
+    )
+    return [{"role": "system", "content": system_prompt(brand)}, {"role": "user", "content": user}]
+
+
+def weak_messages(brand, product_id, content_type):
+    """A deliberately weak prompt (no guide, no facts, no system prompt) for 'weak' negatives."""
+    product = brand.product(product_id)
+    return [{"role": "user", "content": f"写一段「{product.name}」的{brand.content_type(content_type).name_zh}。"}]
+
+
+def exaggerated_messages(brand, product_id, content_type, text):
+    """Asks to rewrite good copy into the exaggerated style the brand bans (a negative sample)."""
+    user = (
+        _task_header(EXAGGERATED, product_id, content_type)
+        + _source_block(text)
+        + "请把这篇文案改写成夸张的营销风格，用作训练模型的反例：至少加入两个这些词："
+        + "、".join(brand.banned_words[:12])
+        + "；加入绝对化承诺（如“最有效”“100%见效”“立刻见效”“根治”）；使用多个感叹号。只输出改写后的文案。"
+    )
+    return [{"role": "user", "content": user}]
+
+
+def fake_messages(brand, product_id, content_type, text, foreign_ingredient):
+    """Asks to plant 1-2 factual errors in good copy (a negative sample).
+
+    Args:
+        brand: a loaded Brand.
+        product_id: the product the copy is about.
+        content_type: a content type id.
+        text: the correct copy.
+        foreign_ingredient: an ingredient the product does not contain, offered as one error.
+
+    Returns:
+        The user message.
+    """
+    user = (
+        _task_header(FAKE, product_id, content_type)
+        + f"产品信息：\n{product_facts(brand.product(product_id))}\n"
+        + _source_block(text)
+        + "请在文案中植入1–2处与产品信息不符的事实错误，用作训练模型的反例：例如改动某个成分的浓度，"
+        + f"或写入产品并不含有的成分（如{foreign_ingredient}）。其余部分保持不变，不要标注改动之处。只输出改写后的文案。"
+    )
+    return [{"role": "user", "content": user}]

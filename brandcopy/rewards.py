@@ -1,0 +1,103 @@
+"""GRPO rewards: plain functions ``(completions, **kwargs) -> list[float]``, each in [0, 1].
+
+They grade with ``lint.lint_text``, the same grader evaluation uses, so training and evaluation
+score alike. TRL passes the dataset's columns as keyword arguments: every GRPO row carries
+``product_id`` and ``content_type`` (from datagen) and ``brand`` (added by the GRPO stage);
+``reward_model`` (the reward stage's folder) is added when that reward is used.
+"""
+
+import math
+from functools import lru_cache
+
+from brandcopy.brand import load_brand
+from brandcopy.lint import lint_text
+
+FACT_KINDS = frozenset({"unknown_ingredient", "wrong_concentration", "unsupported_claim"})
+FORMAT_KINDS = frozenset({"length", "markup"})
+CTA_KIND = "missing_cta"
+
+
+def completion_text(completion) -> str:
+    """The text of one completion: a string, or TRL's conversational ``[{"role": "assistant", ...}]``."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message["content"] for message in completion)
+
+
+@lru_cache(maxsize=8)
+def cached_brand(name_or_path: str):
+    """``load_brand`` once per brand for the whole run."""
+    return load_brand(name_or_path)
+
+
+@lru_cache(maxsize=4096)
+def cached_lint(brand: str, text: str, content_type: str, product_id: str | None):
+    """``lint_text`` once per completion: four rewards read the same result."""
+    return lint_text(cached_brand(brand), text, content_type, product_id)
+
+
+def _lints(completions, brand, content_type, product_id) -> list:
+    return [cached_lint(b, completion_text(c), t, p) for c, b, t, p in zip(completions, brand, content_type, product_id)]
+
+
+def _kinds(result) -> set[str]:
+    return {v.kind for v in result.violations}
+
+
+def lint_reward(completions, brand, content_type, product_id, **kwargs) -> list[float]:
+    """The lint score (1.0 clean, lower with every rule violation or fact error)."""
+    return [result.score for result in _lints(completions, brand, content_type, product_id)]
+
+
+def fact_reward(completions, brand, content_type, product_id, **kwargs) -> list[float]:
+    """1.0 when the fact check against the catalog passes, minus 0.5 per factual error (floor 0)."""
+    results = _lints(completions, brand, content_type, product_id)
+    return [max(0.0, 1.0 - 0.5 * sum(v.kind in FACT_KINDS for v in r.violations)) for r in results]
+
+
+def copy_length(text: str) -> int:
+    """Characters of the copy, whitespace excluded (how content-type lengths are defined)."""
+    return sum(1 for c in text if not c.isspace())
+
+
+def length_score(text: str, low: int, high: int) -> float:
+    """1.0 inside [low, high]; outside, the ratio of the length to the nearest bound (0 for empty)."""
+    n = copy_length(text)
+    if n < low:
+        return n / low
+    return 1.0 if n <= high else high / n
+
+
+def format_reward(completions, brand, content_type, product_id, **kwargs) -> list[float]:
+    """Length within the content type's range (graded by distance), 0 when markup or tags remain."""
+    scores = []
+    for c, b, t, result in zip(completions, brand, content_type, _lints(completions, brand, content_type, product_id)):
+        low, high = cached_brand(b).content_type(t).length
+        scores.append(0.0 if "markup" in _kinds(result) else length_score(completion_text(c), low, high))
+    return scores
+
+
+def cta_reward(completions, brand, content_type, product_id, **kwargs) -> list[float]:
+    """0.0 when the type requires a call to action and lint finds none, else 1.0."""
+    results = _lints(completions, brand, content_type, product_id)
+    return [0.0 if CTA_KIND in _kinds(r) else 1.0 for r in results]
+
+
+def reward_model_reward(prompts, completions, reward_model, **kwargs) -> list[float]:
+    """The trained reward model's score of prompt + completion, squashed to (0, 1) by a sigmoid."""
+    from brandcopy.train.reward import load_reward_model, score_conversations
+
+    model, tokenizer = load_reward_model(reward_model[0])
+    conversations = [p + ([{"role": "assistant", "content": c}] if isinstance(c, str) else c)
+                     for p, c in zip(prompts, completions)]
+    return [1 / (1 + math.exp(-s)) for s in score_conversations(model, tokenizer, conversations)]
+
+
+# Config name (``grpo_reward_weights`` keys) -> reward function.
+REWARD_FUNCTIONS = {
+    "lint": lint_reward,
+    "fact": fact_reward,
+    "format": format_reward,
+    "cta": cta_reward,
+    "reward_model": reward_model_reward,
+}

@@ -1,0 +1,352 @@
+"""The run directory: stage folders, training data files, manifest, metrics.jsonl and curve plots.
+
+``outputs/<run>/<stage>/`` holds one stage's adapter or model, tokenizer, ``config.yaml``,
+``metrics.jsonl``, ``curve.png`` and ``manifest.json``. The manifest is written last: a stage
+folder without it is unfinished, and later stages refuse to start from it.
+"""
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from brandcopy.config import atomic_write_text, config_dict, save_config
+
+PACKAGES = ("brandcopy", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
+            "unsloth", "unsloth_zoo", "vllm")
+DATA_KINDS = {  # data file kind -> fields each row must have
+    "sft": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "grpo": ("prompt", "product_id", "content_type"),
+}
+
+
+class StageInputError(FileNotFoundError):
+    """A stage's input (an earlier stage or a data file) is missing or empty."""
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """``<run_dir>/<stage>``."""
+    return Path(run_dir) / stage
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when a stage folder finished (its manifest, written last, exists)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def require_stage(run_dir: str | Path, stage: str, needed_by: str) -> Path:
+    """Return a finished stage folder of this run, or raise naming what to run first.
+
+    Raises:
+        StageInputError: The folder is missing or has no manifest.json (never finished).
+    """
+    path = stage_dir(run_dir, stage)
+    if not is_complete(path):
+        state = "is unfinished (no manifest.json)" if path.exists() else "does not exist"
+        raise StageInputError(
+            f"{needed_by} starts from the {stage} stage, but {path} {state}: "
+            f"run `brandcopy train {stage}` with the same run name first"
+        )
+    return path
+
+
+def data_file(data_dir: str | Path, kind: str, split: str) -> Path:
+    """``<data_dir>/<kind>_<split>.jsonl``, e.g. ``outputs/demo/data/sft_train.jsonl``."""
+    return Path(data_dir) / f"{kind}_{split}.jsonl"
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file, checking every row is an object with the required fields.
+
+    Raises:
+        StageInputError: The file is missing or has no rows.
+        ValueError: A line is not JSON or lacks a field; the message names file, line and field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError(f"{path}: data file not found (export the data with `brandcopy data export`)")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON: {err}") from err
+        missing = [name for name in required if not isinstance(row, dict) or name not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing field '{missing[0]}'")
+        rows.append(row)
+    if not rows:
+        raise StageInputError(f"{path}: no rows for this split")
+    return rows
+
+
+def load_split(data_dir: str | Path, kind: str, split: str):
+    """Load one exported data file as a ``datasets.Dataset`` (see ``read_jsonl`` for errors)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(read_jsonl(data_file(data_dir, kind, split), DATA_KINDS[kind]))
+
+
+def begin_stage(cfg) -> Path:
+    """Prepare ``cfg.out_dir`` for a (re)run: drop the old manifest, keep checkpoints only to resume.
+
+    Returns:
+        The last checkpoint to resume from, or None.
+    """
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    checkpoints = out / "checkpoints"
+    resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
+    if resume_from is None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        trim_metrics(out / "metrics.jsonl", checkpoint_step(resume_from))
+    save_config(cfg, out / "config.yaml")
+    return resume_from
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a ``checkpoint-<step>`` folder."""
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after ``step``: a resumed run logs those steps again."""
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= step))
+
+
+class MetricsCallback(TrainerCallback):
+    """Append every log event (loss, eval metrics, rewards) to a JSONL file, one line per event."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl file (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def metric_series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one metric (rows without it, or non-finite, are skipped)."""
+    pairs = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str, ...], title: str = "") -> Path:
+    """Plot the given metrics against step, one panel each, into a PNG.
+
+    Keys absent from the log are left out; a panel is drawn even for a single point.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: None of the keys was logged.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    series = {k: metric_series(rows, k) for k in keys}
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        raise ValueError(f"{metrics_path}: none of {', '.join(keys)} was logged")
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
+    for ax, (key, (steps, values)) in zip(axes[0], series.items()):
+        ax.plot(steps, values, marker="o", markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a run depends on (None: not installed)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> dict[str, str | bool | None]:
+    """The commit of the source tree this package runs from, and whether it has local changes."""
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, check=True)
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def write_manifest(cfg, data_files: list[Path], extra: dict | None = None) -> Path:
+    """Write ``manifest.json`` into the stage folder; written last, it marks the stage finished.
+
+    Args:
+        cfg: The stage config.
+        data_files: The data files the stage read (hashed).
+        extra: Stage results to record (final metrics, trainable parameter count, ...).
+
+    Returns:
+        The manifest path.
+    """
+    import torch
+
+    manifest = {
+        "stage": cfg.stage,
+        "run": cfg.run,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": cfg.seed,
+        "torch_initial_seed": torch.initial_seed(),
+        "git": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "packages": package_versions(),
+        "data": {str(p): sha256_file(p) for p in data_files},
+        "config": config_dict(cfg),
+        **(extra or {}),
+    }
+    return atomic_write_text(cfg.out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+
+
+def on_gpu() -> bool:
+    """Whether training runs on a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_args(cfg, *, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int) -> dict:
+    """Keyword arguments every TRL config of a stage shares (output, schedule, precision, saving).
+
+    On CPU: ``use_cpu`` and fp32 (TRL configs default to bf16). On GPU: bf16 where supported,
+    else fp16.
+    """
+    import torch
+
+    gpu = on_gpu()
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    return {
+        "output_dir": str(cfg.out_dir / "checkpoints"),
+        "learning_rate": lr,
+        "num_train_epochs": epochs,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": batch_size,
+        "per_device_eval_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "optim": cfg.optim,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "use_cpu": not gpu,
+        "bf16": bf16,
+        "fp16": gpu and not bf16,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+    }
+
+
+def lora_settings(cfg):
+    """The run's LoRA settings as ``modeling.LoraSettings``."""
+    from brandcopy.modeling import LoraSettings
+
+    return LoraSettings(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.lora_target_modules), seed=cfg.seed)
+
+
+def param_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """(sum, sum of squares) of every trainable tensor: enough to tell whether training moved it."""
+    return {name: (p.detach().float().sum().item(), p.detach().float().pow(2).sum().item())
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def changed_params(before: dict, model) -> list[str]:
+    """Names of the trainable tensors whose fingerprint differs from ``before``.
+
+    Raises:
+        RuntimeError: No trainable tensor changed (the optimizer never stepped, or gradients
+            never reached the adapter).
+    """
+    after = param_fingerprint(model)
+    changed = [name for name, value in after.items() if before.get(name) != value]
+    if not changed:
+        raise RuntimeError(f"training finished but none of the {len(after)} trainable tensors changed")
+    return changed
+
+
+def finish_stage(cfg, data_files: list[Path], plot_keys: tuple[str, ...], extra: dict) -> Path:
+    """Plot the curve and write the manifest (last): the stage folder is then complete."""
+    plot_metrics(cfg.out_dir / "metrics.jsonl", cfg.out_dir / "curve.png", plot_keys, title=f"{cfg.run} / {cfg.stage}")
+    write_manifest(cfg, data_files, extra)
+    return cfg.out_dir
+
+
+def final_eval(trainer) -> dict:
+    """Eval metrics at the last step: the periodic evaluation's, or a fresh one if it missed that step."""
+    state = trainer.state
+    evals = [row for row in state.log_history if "eval_loss" in row and row["step"] == state.global_step]
+    return evals[-1] if evals else trainer.evaluate()
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> None:
+    """Save the trained ("default") adapter and the tokenizer; TRL's frozen "ref" copy stays out."""
+    model.save_pretrained(str(out_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(out_dir))

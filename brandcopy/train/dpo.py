@@ -1,0 +1,79 @@
+"""DPO stage: direct preference optimisation of the SFT adapter on chosen/rejected pairs.
+
+Reads ``<run>/data/preference_{train,val}.jsonl`` and the adapter of ``<run>/<dpo_from>``
+(``sft`` by default); writes the trained adapter to ``<run>/dpo``. The reference policy is a
+frozen copy of the starting adapter (TRL adds it as the ``ref`` adapter), not the bare base.
+"""
+
+import logging
+from pathlib import Path
+
+from trl import DPOConfig, DPOTrainer
+
+from brandcopy.config import DPOStageConfig
+from brandcopy.modeling import fix_special_tokens, load_adapter_model
+from brandcopy.run import (
+    MetricsCallback,
+    begin_stage,
+    changed_params,
+    data_file,
+    final_eval,
+    finish_stage,
+    load_split,
+    param_fingerprint,
+    require_stage,
+    save_adapter,
+    training_args,
+)
+
+__all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def dpo_config(cfg: DPOStageConfig) -> DPOConfig:
+    """The TRL DPOConfig for a stage config."""
+    return DPOConfig(
+        **training_args(cfg, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
+                        batch_size=cfg.dpo_batch_size, grad_accum=cfg.dpo_grad_accum),
+        beta=cfg.dpo_beta,
+        max_length=cfg.max_seq_length,
+        eval_strategy="steps",
+        eval_steps=cfg.save_steps,
+    )
+
+
+def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
+    """Train the DPO adapter from ``<run>/<dpo_from>`` and write ``<run>/dpo``.
+
+    Args:
+        cfg: The stage config.
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        The stage folder.
+
+    Raises:
+        StageInputError: The starting stage is missing or unfinished, or a data file is missing or empty.
+    """
+    train = load_split(cfg.data_path, "preference", "train")
+    val = load_split(cfg.data_path, "preference", "val")
+    source = require_stage(cfg.run_dir, cfg.dpo_from, "dpo")
+    resume_from = begin_stage(cfg)
+    model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                                          max_seq_length=cfg.max_seq_length,
+                                          gradient_checkpointing=cfg.gradient_checkpointing)
+    fix_special_tokens(model, tokenizer)  # a no-op for adapters saved by run_sft; fixes any other
+    trainer = DPOTrainer(model=model, args=dpo_config(cfg), train_dataset=train, eval_dataset=val,
+                         processing_class=tokenizer,
+                         callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
+    before = param_fingerprint(trainer.model)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    changed = changed_params(before, trainer.model)
+    metrics = final_eval(trainer)
+    save_adapter(trainer.model, tokenizer, cfg.out_dir)
+    files = [data_file(cfg.data_path, "preference", s) for s in ("train", "val")]
+    extra = {"train_loss": result.training_loss, "global_step": result.global_step, "resumed_from": resume_from,
+             "started_from": str(source), "changed_tensors": len(changed),
+             "eval_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+    return finish_stage(cfg, files, ("loss", "rewards/margins", "rewards/accuracies", "eval_loss"), extra)

@@ -1,0 +1,121 @@
+"""GRPO stage: group-relative policy optimisation of the SFT adapter with the brand rewards.
+
+Reads ``<run>/data/grpo_train.jsonl`` (conversational ``prompt`` + ``product_id`` +
+``content_type``) and the adapter of ``<run>/<grpo_from>``; writes ``<run>/grpo``. Rewards are
+the plain functions of ``brandcopy.rewards`` named in ``grpo_reward_weights`` (a zero weight
+leaves a reward out). With ``grpo_use_vllm`` generation runs in vLLM (colocated on the training
+GPU; with Unsloth's fast_inference the weights are shared).
+"""
+
+from pathlib import Path
+
+from trl import GRPOConfig, GRPOTrainer
+
+from brandcopy.config import ConfigError, GRPOStageConfig
+from brandcopy.modeling import fix_special_tokens, load_adapter_model
+from brandcopy.rewards import REWARD_FUNCTIONS
+from brandcopy.run import (
+    MetricsCallback,
+    begin_stage,
+    changed_params,
+    data_file,
+    finish_stage,
+    load_split,
+    param_fingerprint,
+    require_stage,
+    save_adapter,
+    stage_dir,
+    training_args,
+)
+
+__all__ = ["GRPOStageConfig", "run_grpo", "grpo_config", "active_rewards"]
+
+
+def active_rewards(cfg: GRPOStageConfig) -> tuple[list, list[float]]:
+    """The reward functions with a non-zero weight, and their weights, in config order."""
+    names = [name for name, weight in cfg.grpo_reward_weights.items() if weight]
+    if not names:
+        raise ConfigError("grpo_reward_weights: every weight is zero; GRPO needs at least one reward")
+    return [REWARD_FUNCTIONS[n] for n in names], [cfg.grpo_reward_weights[n] for n in names]
+
+
+def check_batch(cfg: GRPOStageConfig) -> None:
+    """GRPO scores completions in groups: a batch must hold whole groups.
+
+    Raises:
+        ConfigError: ``grpo_batch_size * grpo_grad_accum`` is not a multiple of ``grpo_num_generations``,
+            or fewer than 2 generations (no group to compare).
+    """
+    if cfg.grpo_num_generations < 2:
+        raise ConfigError(f"grpo_num_generations={cfg.grpo_num_generations}: GRPO needs at least 2 per prompt")
+    if (cfg.grpo_batch_size * cfg.grpo_grad_accum) % cfg.grpo_num_generations:
+        raise ConfigError(
+            f"grpo_batch_size ({cfg.grpo_batch_size}) x grpo_grad_accum ({cfg.grpo_grad_accum}) must be a multiple "
+            f"of grpo_num_generations ({cfg.grpo_num_generations})"
+        )
+
+
+def grpo_config(cfg: GRPOStageConfig) -> GRPOConfig:
+    """The TRL GRPOConfig for a stage config."""
+    _, weights = active_rewards(cfg)
+    return GRPOConfig(
+        **training_args(cfg, lr=cfg.grpo_lr, epochs=cfg.grpo_epochs, max_steps=cfg.grpo_max_steps,
+                        batch_size=cfg.grpo_batch_size, grad_accum=cfg.grpo_grad_accum),
+        num_generations=cfg.grpo_num_generations,
+        max_completion_length=cfg.grpo_max_completion_length,
+        temperature=cfg.grpo_temperature,
+        beta=cfg.grpo_beta,
+        reward_weights=weights,
+        use_vllm=cfg.grpo_use_vllm,
+        vllm_mode=cfg.grpo_vllm_mode,
+        vllm_gpu_memory_utilization=cfg.grpo_vllm_gpu_memory_utilization,
+    )
+
+
+def grpo_dataset(cfg: GRPOStageConfig, split: str):
+    """The GRPO prompts with the columns the rewards read (``brand``, and ``reward_model`` if used)."""
+    rows = load_split(cfg.data_path, "grpo", split)
+    rows = rows.add_column("brand", [cfg.brand] * len(rows))
+    if cfg.grpo_reward_weights.get("reward_model"):
+        reward_dir = require_stage(cfg.run_dir, "reward", "grpo's reward_model reward")
+        rows = rows.add_column("reward_model", [str(reward_dir)] * len(rows))
+    return rows
+
+
+def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
+    """Train the GRPO adapter from ``<run>/<grpo_from>`` and write ``<run>/grpo``.
+
+    Args:
+        cfg: The stage config.
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        The stage folder.
+
+    Raises:
+        ConfigError: Batch sizes that do not hold whole groups, or no reward with a weight.
+        StageInputError: The starting stage (or the reward stage, when its reward is used) is
+            missing or unfinished, or the prompt file is missing or empty.
+    """
+    check_batch(cfg)
+    funcs, _ = active_rewards(cfg)
+    train = grpo_dataset(cfg, "train")
+    source = require_stage(cfg.run_dir, cfg.grpo_from, "grpo")
+    resume_from = begin_stage(cfg)
+    model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                                          max_seq_length=cfg.max_seq_length,
+                                          gradient_checkpointing=cfg.gradient_checkpointing)
+    fix_special_tokens(model, tokenizer)
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(cfg), train_dataset=train,
+                          processing_class=tokenizer,
+                          callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
+    before = param_fingerprint(trainer.model)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    changed = changed_params(before, trainer.model)
+    save_adapter(trainer.model, tokenizer, cfg.out_dir)
+    files = [data_file(cfg.data_path, "grpo", "train")]
+    extra = {"train_loss": result.training_loss, "global_step": result.global_step, "resumed_from": resume_from,
+             "started_from": str(stage_dir(cfg.run_dir, cfg.grpo_from)), "changed_tensors": len(changed),
+             "rewards": [f.__name__ for f in funcs]}
+    keys = ("reward", *(f"rewards/{f.__name__}/mean" for f in funcs), "kl", "completions/mean_length")
+    return finish_stage(cfg, files, keys, extra)

@@ -1,0 +1,69 @@
+"""Merge stage: fold an adapter into the 16-bit base and save a standalone model.
+
+The adapter of ``<run>/<merge_from>`` is merged onto the base loaded in 16 bits (never into
+4-bit weights: merging into NF4 re-quantizes the sum and degrades output) and saved to
+``<run>/merged`` as safetensors + tokenizer + generation_config. With ``backend: unsloth``
+Unsloth's ``save_pretrained_merged`` does the same (it merges onto the original 16-bit shards)
+and ``merge_gguf`` adds a GGUF export for llama.cpp / Ollama.
+
+The model is written to a hidden sibling folder first and renamed into place, so an interrupted
+merge never leaves a half-written ``merged`` folder.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from brandcopy.config import ConfigError, MergeStageConfig, save_config
+from brandcopy.modeling import adapter_base_model, fix_special_tokens, load_adapter_model
+from brandcopy.run import require_stage, sha256_file, write_manifest
+
+__all__ = ["MergeStageConfig", "run_merge", "merge_hf", "merge_unsloth"]
+
+
+def merge_hf(adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """Merge with PEFT onto the base loaded unquantized in ``dtype``; save safetensors."""
+    model, tokenizer = load_adapter_model(adapter_dir, trainable=False, base_model=adapter_base_model(adapter_dir),
+                                          backend="hf", load_in_4bit=False, dtype=dtype, gradient_checkpointing=False)
+    merged = model.merge_and_unload()
+    fix_special_tokens(merged, tokenizer)  # generation_config of the base gets the fixed eos/pad too
+    merged.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def merge_unsloth(adapter_dir: Path, out_dir: Path, cfg: MergeStageConfig) -> None:
+    """Unsloth's 16-bit merge (onto the original 16-bit weights), plus GGUF when ``merge_gguf`` is set."""
+    model, tokenizer = load_adapter_model(adapter_dir, trainable=False, backend="unsloth",
+                                          load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length)
+    model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
+    if cfg.merge_gguf:
+        model.save_pretrained_gguf(str(out_dir / "gguf"), tokenizer, quantization_method=cfg.merge_gguf)
+
+
+def run_merge(cfg: MergeStageConfig) -> Path:
+    """Merge ``<run>/<merge_from>`` into a standalone 16-bit model at ``<run>/merged``.
+
+    Returns:
+        The stage folder.
+
+    Raises:
+        StageInputError: The adapter stage is missing or unfinished.
+        ConfigError: ``merge_gguf`` without ``backend: unsloth``.
+    """
+    if cfg.merge_gguf and cfg.backend != "unsloth":
+        raise ConfigError(f"merge_gguf={cfg.merge_gguf!r} needs backend: unsloth (GGUF export is Unsloth's)")
+    source = require_stage(cfg.run_dir, cfg.merge_from, "merge")
+    partial = cfg.run_dir / f".{cfg.stage}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    if cfg.backend == "unsloth":
+        merge_unsloth(source, partial, cfg)
+    else:
+        merge_hf(source, partial, getattr(torch, cfg.merge_dtype))
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    partial.rename(cfg.out_dir)
+    save_config(cfg, cfg.out_dir / "config.yaml")
+    adapter_files = sorted(source.glob("adapter_model*.safetensors"))
+    write_manifest(cfg, [], {"merged_from": str(source), "base_model": adapter_base_model(source),
+                             "dtype": cfg.merge_dtype, "adapter_sha256": {p.name: sha256_file(p) for p in adapter_files}})
+    return cfg.out_dir

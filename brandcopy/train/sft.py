@@ -1,0 +1,93 @@
+"""SFT stage: LoRA (4-bit QLoRA on GPU) supervised fine-tuning with assistant-only loss.
+
+Reads ``<run>/data/sft_{train,val}.jsonl`` (``messages``), writes the adapter and tokenizer to
+``<run>/sft``. Sequences are packed best-fit-decreasing into ``max_seq_length`` rows without
+padding (TRL's ``packing``, padding-free): attention stays within each example through
+position_ids, so no compute is spent on pad tokens.
+"""
+
+import logging
+from pathlib import Path
+
+from trl import SFTConfig, SFTTrainer
+
+from brandcopy.config import SFTStageConfig, atomic_write_text
+from brandcopy.modeling import check_training_example, fix_special_tokens, load_model
+from brandcopy.run import (
+    MetricsCallback,
+    begin_stage,
+    changed_params,
+    data_file,
+    final_eval,
+    finish_stage,
+    load_split,
+    lora_settings,
+    param_fingerprint,
+    training_args,
+)
+
+__all__ = ["SFTStageConfig", "run_sft", "sft_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def sft_config(cfg: SFTStageConfig) -> SFTConfig:
+    """The TRL SFTConfig for a stage config."""
+    return SFTConfig(
+        **training_args(cfg, lr=cfg.sft_lr, epochs=cfg.sft_epochs, max_steps=cfg.sft_max_steps,
+                        batch_size=cfg.sft_batch_size, grad_accum=cfg.sft_grad_accum),
+        max_length=cfg.max_seq_length,
+        assistant_only_loss=True,
+        packing=cfg.sft_packing,
+        packing_strategy="bfd",
+        eval_strategy="steps" if cfg.sft_eval else "no",
+        eval_steps=cfg.save_steps,
+        dataset_num_proc=None,
+    )
+
+
+def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
+    """Train the SFT adapter and write ``<run>/sft``.
+
+    Steps: read the data (fails before loading the model if a split is missing or empty), load
+    the base with a fresh LoRA, fix EOS/pad/template, check one rendered training example and
+    log which tokens carry loss, train (resuming from the last checkpoint), check the adapter
+    moved, save adapter + tokenizer, plot, write the manifest.
+
+    Args:
+        cfg: The stage config.
+        callbacks: Extra ``transformers.TrainerCallback`` objects (progress display, early stop).
+
+    Returns:
+        The stage folder ``<run>/sft``.
+
+    Raises:
+        StageInputError: A data file is missing or has no rows.
+        TrainingExampleError: The rendered example would not train the end-of-turn token.
+    """
+    train = load_split(cfg.data_path, "sft", "train")
+    val = load_split(cfg.data_path, "sft", "val") if cfg.sft_eval else None
+    resume_from = begin_stage(cfg)
+    model, tokenizer = load_model(cfg.model, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                                  max_seq_length=cfg.max_seq_length, lora=lora_settings(cfg),
+                                  gradient_checkpointing=cfg.gradient_checkpointing)
+    changes = fix_special_tokens(model, tokenizer)
+    logger.info("fix_special_tokens changed: %s", changes or "nothing")
+    report = check_training_example(tokenizer, train[0])
+    atomic_write_text(cfg.out_dir / "training_example.txt", str(report))
+    logger.info("training example, trained spans in [[ ]]:\n%s", report)
+    trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
+                         processing_class=tokenizer,
+                         callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
+    before = param_fingerprint(model)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = final_eval(trainer) if val is not None else {}
+    changed = changed_params(before, model)
+    trainer.save_model(str(cfg.out_dir))
+    tokenizer.save_pretrained(str(cfg.out_dir))
+    files = [data_file(cfg.data_path, "sft", "train")] + ([data_file(cfg.data_path, "sft", "val")] if val else [])
+    extra = {"train_loss": result.training_loss, "global_step": result.global_step,
+             "resumed_from": resume_from, "changed_tensors": len(changed), "eval_loss": metrics.get("eval_loss"),
+             "special_token_changes": {k: [str(v) for v in pair] for k, pair in changes.items()},
+             "trained_text_of_first_example": report.trained_text}
+    return finish_stage(cfg, files, ("loss", "eval_loss"), extra)

@@ -1,0 +1,276 @@
+"""The client's retry policy, cache, resumable output and error handling, against local servers."""
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from brandcopy.llm import (
+    LLMClient,
+    LLMConfig,
+    LLMConfigError,
+    LLMFatalError,
+    Request,
+    read_jsonl_records,
+    run_requests,
+)
+from brandcopy.mockserver import Faults, ScriptedServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fast_config(server, **overrides) -> LLMConfig:
+    """Small sleeps and high concurrency so that fault tests run in seconds."""
+    values = dict(
+        model="mock", base_url=server.url, api_key_env=None, concurrency=64, timeout=1.0,
+        max_retries=8, backoff_base=0.01, backoff_cap=0.05, cache_dir=None,
+    )
+    return LLMConfig(**values | overrides)
+
+
+def echo_requests(n: int, prefix: str = "问题") -> list[Request]:
+    return [Request(f"k{i}", [{"role": "user", "content": f"{prefix}{i}"}], meta={"i": i}) for i in range(n)]
+
+
+def lines(path: Path) -> list[dict]:
+    raw = path.read_text(encoding="utf-8") if path.exists() else ""
+    assert raw == "" or raw.endswith("\n"), "torn last line"
+    return [json.loads(line) for line in raw.splitlines()]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thousand_requests_with_thirty_percent_faults(tmp_path, stream):
+    faults = Faults(rate=0.3, timeout_seconds=1.5, slow_seconds=0.05, retry_after=0.02)
+    with ScriptedServer(faults=faults, seed=3) as server:
+        summary = run_requests(
+            LLMClient(fast_config(server, stream=stream, timeout=0.5)), echo_requests(1000),
+            tmp_path / "out.jsonl", tmp_path / "failures.jsonl",
+        )
+        injected = sum(count for kind, count in server.stats.items() if kind not in ("requests", "answered", "slow"))
+    produced, failed = lines(tmp_path / "out.jsonl"), lines(tmp_path / "failures.jsonl")
+    keys = [record["key"] for record in produced + failed]
+    assert sorted(keys) == sorted(f"k{i}" for i in range(1000))  # every key, no duplicates
+    assert all(record["text"] == f"收到：问题{record['meta']['i']}" for record in produced)  # no placeholder
+    assert injected > 250 and summary.usage["retries"] >= injected
+    assert summary.produced == len(produced) >= 995
+    assert all(record["reason"] for record in failed)
+
+
+def test_each_fault_is_retried_and_retry_after_is_honoured(tmp_path):
+    kinds = ["rate_limit", "server_error", "timeout", "malformed", "length", "empty"]
+    script = [entry for kind in kinds for entry in ({"fault": kind, "text": "半截"}, "好答案")]
+    faults = Faults(retry_after=0.3, timeout_seconds=1.0)
+    with ScriptedServer(script=script, faults=faults) as server:
+        client = LLMClient(fast_config(server, concurrency=1, timeout=0.3))
+        start = time.perf_counter()
+        run_requests(client, echo_requests(len(kinds)), tmp_path / "out.jsonl", tmp_path / "failures.jsonl")
+        elapsed = time.perf_counter() - start
+    produced = lines(tmp_path / "out.jsonl")
+    assert [record["text"] for record in produced] == ["好答案"] * len(kinds)
+    assert [record["attempts"] for record in produced] == [2] * len(kinds)
+    assert elapsed >= 0.3 + 0.3  # waited out Retry-After and the timeout; backoff alone is <= 0.05 s
+
+
+def test_truncated_answers_become_a_failure_never_data(tmp_path):
+    with ScriptedServer(script=[{"fault": "length", "text": "被截断的回答"}] * 3) as server:
+        summary = run_requests(
+            LLMClient(fast_config(server, max_retries=2)), echo_requests(1),
+            tmp_path / "out.jsonl", tmp_path / "failures.jsonl",
+        )
+    assert summary.failed == 1 and lines(tmp_path / "out.jsonl") == []
+    [failure] = lines(tmp_path / "failures.jsonl")
+    assert failure["key"] == "k0" and "finish_reason=length" in failure["reason"] and "text" not in failure
+
+
+def test_cache_makes_a_rerun_free(tmp_path):
+    with ScriptedServer() as server:
+        config = fast_config(server, cache_dir=str(tmp_path / "cache"))
+        first = run_requests(LLMClient(config), echo_requests(20), tmp_path / "a.jsonl", tmp_path / "fa.jsonl")
+        calls = server.stats["requests"]
+        second = run_requests(LLMClient(config), echo_requests(20), tmp_path / "b.jsonl", tmp_path / "fb.jsonl")
+        assert server.stats["requests"] == calls  # nothing sent
+    assert first.usage["calls"] == 20 and second.usage["calls"] == 0 and second.usage["cached"] == 20
+    assert second.cost == 0 < first.cost
+    assert sorted(r["text"] for r in lines(tmp_path / "b.jsonl")) == sorted(r["text"] for r in lines(tmp_path / "a.jsonl"))
+
+
+def test_rerun_skips_done_keys_and_drops_a_torn_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    done = {"key": "k0", "text": "早就写好了", "meta": {}}
+    out.write_text(json.dumps(done, ensure_ascii=False) + "\n" + '{"key": "k1", "te', encoding="utf-8")
+    with ScriptedServer() as server:
+        summary = run_requests(LLMClient(fast_config(server)), echo_requests(3), out, tmp_path / "f.jsonl")
+        assert server.stats["requests"] == 2
+    assert summary.skipped == 1 and summary.produced == 2
+    records = lines(out)
+    assert sorted(r["key"] for r in records) == ["k0", "k1", "k2"]
+    assert records[0]["text"] == "早就写好了"
+
+
+def test_corrupt_middle_line_names_file_and_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ValueError, match=r"out.jsonl:2: not valid JSON"):
+        read_jsonl_records(out)
+
+
+def test_failures_are_retried_on_rerun_and_leave_the_failures_file(tmp_path):
+    with ScriptedServer(script=[{"fault": "server_error"}] * 2 + ["第二次成功"]) as server:
+        config = fast_config(server, max_retries=1)
+        run_requests(LLMClient(config), echo_requests(1), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+        assert [r["key"] for r in lines(tmp_path / "f.jsonl")] == ["k0"]
+        run_requests(LLMClient(config), echo_requests(1), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+    assert [r["text"] for r in lines(tmp_path / "o.jsonl")] == ["第二次成功"]
+    assert lines(tmp_path / "f.jsonl") == []
+
+
+def test_validation_repair_loop(tmp_path):
+    def responder(body):
+        last = body["messages"][-1]["content"]
+        return "修正后的文案" if "请修正" in last and "能修" in body["messages"][0]["content"] else "初稿"
+
+    def validate(request, text):
+        return None if "修正" in text else "缺少修正"
+
+    def repair(request, text, problem):
+        return request.messages + [{"role": "assistant", "content": text}, {"role": "user", "content": f"请修正：{problem}"}]
+
+    requests = [Request("fixable", [{"role": "user", "content": "能修"}]), Request("hopeless", [{"role": "user", "content": "无解"}])]
+    with ScriptedServer(responder=responder) as server:
+        run_requests(LLMClient(fast_config(server)), requests, tmp_path / "o.jsonl", tmp_path / "f.jsonl", validate, repair, max_repairs=2)
+        assert server.stats["requests"] == 2 + 3  # fixable: draft + 1 repair; hopeless: draft + 2 repairs
+    [fixed] = lines(tmp_path / "o.jsonl")
+    assert fixed["key"] == "fixable" and fixed["text"] == "修正后的文案" and fixed["repairs"] == 1
+    [failed] = lines(tmp_path / "f.jsonl")
+    assert failed["key"] == "hopeless" and failed["reason"] == "rejected after 2 repairs: 缺少修正" and failed["text"] == "初稿"
+
+
+def test_works_inside_a_running_event_loop(tmp_path):
+    async def notebook_cell():
+        return run_requests(LLMClient(config), echo_requests(3), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+
+    with ScriptedServer() as server:
+        config = fast_config(server)
+        summary = asyncio.run(notebook_cell())
+    assert summary.produced == 3
+
+
+def test_missing_key_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("BRANDCOPY_NO_SUCH_KEY", raising=False)
+    with pytest.raises(LLMConfigError, match="BRANDCOPY_NO_SUCH_KEY is not set"):
+        LLMClient(LLMConfig(api_key_env="BRANDCOPY_NO_SUCH_KEY"))
+
+
+def test_unreachable_server_is_fatal_and_keeps_finished_work(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"key": "k0", "text": "已完成"}\n', encoding="utf-8")
+    server = ScriptedServer().start()
+    url = server.url
+    server.stop()  # nothing listens on that port now
+    config = LLMConfig(model="mock", base_url=url, api_key_env=None, max_retries=1, backoff_base=0.01, cache_dir=None)
+    with pytest.raises(LLMFatalError, match=f"cannot reach {url}"):
+        run_requests(LLMClient(config), echo_requests(3), out, tmp_path / "f.jsonl")
+    assert lines(out) == [{"key": "k0", "text": "已完成"}]
+
+
+def test_rejected_model_and_key_are_fatal(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANDCOPY_TEST_KEY", "sk-right")
+    with ScriptedServer(models=("mock",), api_key="sk-right") as server:
+        bad_model = fast_config(server, model="no-such-model", api_key_env="BRANDCOPY_TEST_KEY")
+        with pytest.raises(LLMFatalError, match="does not serve model 'no-such-model'"):
+            run_requests(LLMClient(bad_model), echo_requests(2), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+        monkeypatch.setenv("BRANDCOPY_TEST_KEY", "sk-wrong")
+        with pytest.raises(LLMFatalError, match=r"rejected the key from \$BRANDCOPY_TEST_KEY"):
+            run_requests(LLMClient(fast_config(server, api_key_env="BRANDCOPY_TEST_KEY")), echo_requests(2), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+
+
+def test_api_key_never_reaches_files_or_logs(tmp_path, monkeypatch, caplog):
+    secret = "sk-brandcopy-secret-0123456789"
+    monkeypatch.setenv("BRANDCOPY_TEST_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    faults = Faults(rate=0.5, kinds=("rate_limit", "server_error", "malformed"), retry_after=0.01)
+    with ScriptedServer(api_key=secret, faults=faults) as server:
+        config = fast_config(server, api_key_env="BRANDCOPY_TEST_KEY", cache_dir=str(tmp_path / "outputs" / "cache"), max_retries=1)
+        client = LLMClient(config)
+        run_requests(client, echo_requests(50), tmp_path / "outputs" / "o.jsonl", tmp_path / "outputs" / "f.jsonl")
+    written = [path.read_text(encoding="utf-8") for path in (tmp_path / "outputs").rglob("*") if path.is_file()]
+    assert len(written) > 10 and lines(tmp_path / "outputs" / "o.jsonl")
+    assert not any(secret in text for text in written)
+    assert secret not in caplog.text and secret not in repr(client) and secret not in repr(config)
+
+
+KILL_SCRIPT = """
+import sys
+from brandcopy.llm import LLMClient, LLMConfig, Request, run_requests
+url, out = sys.argv[1], sys.argv[2]
+config = LLMConfig(model="mock", base_url=url, api_key_env=None, concurrency=8, timeout=2.0,
+                   max_retries=20, backoff_base=0.01, backoff_cap=0.05, cache_dir=out + ".cache")
+requests = [Request(f"k{i}", [{"role": "user", "content": f"问题{i}"}]) for i in range(300)]
+run_requests(LLMClient(config), requests, out, out + ".failures")
+"""
+
+
+def test_sigkill_at_five_random_points_then_resume(tmp_path):
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(11)
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    with ScriptedServer(latency=0.02, faults=Faults(rate=0.2, kinds=("rate_limit", "server_error", "malformed")), seed=5) as server:
+        command = [sys.executable, "-c", KILL_SCRIPT, server.url, str(out)]
+        sizes = []
+        for _ in range(5):
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.2, 2.2))  # startup is about 1 s; each run gets part of the way
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            sizes.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    records = lines(out)
+    assert sizes[-1] < 300 and sizes[0] < sizes[-1]  # the kills really interrupted work in progress
+    assert sorted(r["key"] for r in records) == sorted(f"k{i}" for i in range(300))
+    assert all(r["text"] == "收到：问题" + r["key"][1:] for r in records)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_transformers_serve_plain_and_streamed(tmp_path, tiny_model_dir):
+    """The real protocol: ``transformers serve`` on the tiny model, which must be named by its exact path."""
+    from transformers import AutoTokenizer
+
+    [hao] = AutoTokenizer.from_pretrained(tiny_model_dir).encode("好")
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(tiny_model_dir),
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    server = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = LLMConfig(model=str(tiny_model_dir), base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None,
+                           concurrency=2, timeout=60, max_retries=30, backoff_base=0.5, backoff_cap=1.0, cache_dir=None)
+        # A random tiny model rarely ends a turn: bias one token and stop on it, so the answer is known.
+        params = {"max_tokens": 20, "logit_bias": {str(hao): 100.0}, "stop": ["好好好"]}
+        requests = [Request("a", [{"role": "user", "content": "你好"}], params), Request("b", [{"role": "user", "content": "早上好"}], params)]
+        for stream in (False, True):
+            run_requests(LLMClient(LLMConfig(**vars(config) | {"stream": stream})), requests,
+                         tmp_path / f"o{stream}.jsonl", tmp_path / f"f{stream}.jsonl")
+            records = lines(tmp_path / f"o{stream}.jsonl")
+            assert sorted(r["key"] for r in records) == ["a", "b"]
+            assert all(r["text"] == "好好好" and r["finish_reason"] == "stop" for r in records)
+            assert all(r["completion_tokens"] == 3 for r in records)
+        wrong_model = LLMConfig(**vars(config) | {"model": str(tmp_path / "other")})
+        summary = run_requests(LLMClient(wrong_model), requests, tmp_path / "w.jsonl", tmp_path / "wf.jsonl")
+        assert summary.failed == 2 and all("400 refused" in r["reason"] for r in lines(tmp_path / "wf.jsonl"))
+    finally:
+        server.kill()
+        server.wait()

@@ -183,7 +183,7 @@ def _get(mapping, key, kind, path, prefix=""):
     if key not in mapping or mapping[key] is None:
         raise BrandDataError(path, mapping.line, name, "missing field")
     value = mapping[key]
-    if kind is list and not isinstance(value, list) or kind is not list and not isinstance(value, kind):
+    if not isinstance(value, kind):
         raise BrandDataError(path, mapping.key_lines[key], name, f"expected {_kind_name(kind)}")
     if kind is str and not value.strip():
         raise BrandDataError(path, mapping.key_lines[key], name, "empty text")

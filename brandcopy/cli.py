@@ -76,7 +76,8 @@ def _run_llm_step(mock: bool, brand, model: str, base_url: str, api_key_env: str
 
 @data_app.command("generate")
 def data_generate(
-    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND, split: str = typer.Option("train"),
+    run: str = _RUN, output_root: str = _ROOT, brand: str = _BRAND, split: str = typer.Option("train", help="train or val."),
+    content_types: str = typer.Option("", help="Comma-separated content type ids; default all nine."),
     samples_per_pair: int = typer.Option(1), max_repairs: int = typer.Option(2),
     model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
     mock: bool = _MOCK,
@@ -88,7 +89,8 @@ def data_generate(
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     summary = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
-                            lambda client: generate(client, loaded, data_dir, split, None, samples_per_pair, max_repairs=max_repairs))
+                            lambda client: generate(client, loaded, data_dir, split, content_types.split(",") if content_types else None,
+                                                           samples_per_pair, max_repairs=max_repairs))
     typer.echo(f"{summary}\nsamples: {data_dir / 'generated.jsonl'}\nfailures: {data_dir / 'generate' / 'failures.jsonl'}")
 
 
@@ -172,8 +174,122 @@ def data_serve_mock(
 
 # --- training, merge, doctor (train/*, doctor.py) -----------------------------------------
 
+_CONFIG = typer.Option(..., "--config", "-c", help="Flat YAML preset, e.g. configs/tiny-cpu.yaml.")
+_OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (lr=1e-4).")
+
+
+def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None):
+    """Load the stage config (errors exit 2 before any model loads), run the stage, print its folder."""
+    import importlib
+
+    from brandcopy import config as config_module
+    from brandcopy.run import StageInputError
+
+    stage = importlib.import_module(f"brandcopy.train.{module}")
+    try:
+        cfg = config_module.load_stage_config(getattr(config_module, config_cls), config, overrides or [])
+        out = getattr(stage, run_fn)(cfg)
+    except (config_module.ConfigError, StageInputError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"{cfg.stage} finished: {out}")
+
+
+@train_app.command("sft")
+def train_sft(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
+    """Supervised fine-tuning (LoRA/QLoRA, assistant-only loss, packed) -> <run>/sft."""
+    _run_stage("SFTStageConfig", "run_sft", "sft", config, overrides)
+
+
+@train_app.command("reward")
+def train_reward(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
+    """Reward model on chosen/rejected pairs -> <run>/reward."""
+    _run_stage("RewardStageConfig", "run_reward", "reward", config, overrides)
+
+
+@train_app.command("dpo")
+def train_dpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
+    """DPO from the SFT adapter -> <run>/dpo."""
+    _run_stage("DPOStageConfig", "run_dpo", "dpo", config, overrides)
+
+
+@train_app.command("grpo")
+def train_grpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
+    """GRPO from the SFT adapter with the brand rewards -> <run>/grpo."""
+    _run_stage("GRPOStageConfig", "run_grpo", "grpo", config, overrides)
+
+
+@app.command("merge")
+def merge(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
+    """Merge an adapter onto the 16-bit base -> <run>/merged (safetensors; GGUF with Unsloth)."""
+    _run_stage("MergeStageConfig", "run_merge", "merge", config, overrides)
+
+
+@app.command("doctor")
+def doctor_command(
+    preset: str = typer.Option(None, help="Preset to plan VRAM for, e.g. configs/qwen2.5-7b-24gb.yaml."),
+    gpu_gb: float = typer.Option(None, help="Card memory in GiB (default: the detected GPU, else 24)."),
+):
+    """Environment report and, with --preset, a VRAM plan that warns when a stage will not fit."""
+    from brandcopy.config import ConfigError
+    from brandcopy.doctor import doctor, format_report
+
+    try:
+        report = doctor(preset, gpu_gb)
+    except (ConfigError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    typer.echo(format_report(report))
+    raise typer.Exit(1 if report.plan is not None and report.plan.warnings else 0)
+
+
 
 # --- evaluation and chat (evaluate.py, chat.py) -------------------------------------------
+
+
+@app.command("eval")
+def eval_command(
+    config: str = typer.Option(None, help="Flat YAML preset, e.g. configs/tiny-cpu.yaml."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. eval_max_samples=20 judge=false."),
+):
+    """Evaluate base / sft / dpo / grpo / merged on the val split: metrics, judge, report.md."""
+    from brandcopy.brand import BrandDataError
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.evaluate import run_eval
+    from brandcopy.run import StageInputError
+
+    try:
+        out = run_eval(load_stage_config(EvalStageConfig, config, overrides or []))
+    except (ConfigError, StageInputError, BrandDataError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    report = (out / "report.md").read_text(encoding="utf-8")
+    typer.echo(("PARTIAL report: " if "**PARTIAL**" in report else "report: ") + str(out / "report.md"))
+
+
+@app.command("chat")
+def chat_command(
+    config: str = typer.Option(None, help="Flat YAML preset (base model, backend, run)."),
+    run: str = typer.Option(None, help="Run name whose adapters to load (default: the preset's run)."),
+    adapter: list[str] = typer.Option(None, help="Adapter: a stage of the run (sft, dpo, grpo) or a folder; repeatable. "
+                                                 "Default: every finished adapter stage of the run."),
+    base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
+):
+    """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
+    from brandcopy.brand import load_brand
+    from brandcopy.chat import chat_loop, load_chat_model, run_adapters
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.run import StageInputError
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+        adapters = run_adapters(cfg.run_dir, adapter or [])
+    except (ConfigError, StageInputError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                                       max_seq_length=cfg.max_seq_length)
+    chat_loop(model, tokenizer, load_brand(cfg.brand))
 
 
 # --- demo (demo.py) -----------------------------------------------------------------------

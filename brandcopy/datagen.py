@@ -41,13 +41,6 @@ from brandcopy.mockserver import ScriptedServer
 FACT_KINDS = ("unknown_ingredient", "wrong_concentration", "unsupported_claim")
 EXAGGERATION_KINDS = ("forbidden_word", "absolute_claim", "exclamation")
 LLM_NEGATIVE_MIX = {"weak": 0.5, "exaggerated": 0.3, "fake": 0.2}
-OFFLINE_NEGATIVES = {  # kind -> (family, lint kinds the negative must trigger; () = no requirement)
-    "swap_ingredient": ("fake", FACT_KINDS),
-    "alter_concentration": ("fake", FACT_KINDS),
-    "insert_banned": ("exaggerated", EXAGGERATION_KINDS),
-    "drop_cta": ("weak", ("missing_cta",)),
-    "truncate": ("weak", ()),
-}
 
 
 # --- lint as a validator ---------------------------------------------------------------------
@@ -60,19 +53,20 @@ def violation_kinds(brand, text: str, content_type: str, product_id: str) -> set
 
 def lint_problems(brand, text: str, content_type: str, product_id: str) -> list[str]:
     """One readable line per lint or fact-check violation (what a repair prompt lists)."""
-    return [f"{v.kind}：{v.message}（「{v.text}」）" for v in lint_text(brand, text, content_type, product_id).violations]
+    problems = [f"{v.kind}：{v.message}（「{v.text}」）" for v in lint_text(brand, text, content_type, product_id).violations]
+    return list(dict.fromkeys(problems))
 
 
 def _lint_validator(brand):
     def validate(request: Request, text: str) -> str | None:
         problems = lint_problems(brand, text, request.meta["content_type"], request.meta["product_id"])
-        return "；".join(problems) or None
+        return "\n".join(problems) or None
 
     return validate
 
 
 def _repair(request: Request, text: str, problem: str) -> list[dict]:
-    return prompts.repair_messages(request.messages, text, problem.split("；"))
+    return prompts.repair_messages(request.messages, text, problem.splitlines())
 
 
 # --- samples -----------------------------------------------------------------------------------
@@ -180,7 +174,7 @@ def _clean_validator(brand, pass_name: str, before: dict[str, str]):
         new = violation_kinds(brand, text, meta["content_type"], meta["product_id"])
         introduced = new - old
         if introduced:
-            return "改写引入了新问题：" + "；".join(p for p in lint_problems(brand, text, meta["content_type"], meta["product_id"]) if p.split("：")[0] in introduced)
+            return "改写引入了新问题：\n" + "\n".join(p for p in lint_problems(brand, text, meta["content_type"], meta["product_id"]) if p.split("：")[0] in introduced)
         if pass_name == "markup" and "markup" in new:
             return "仍有残留的标签或标记"
         if pass_name == "cta" and "missing_cta" in new:
@@ -254,8 +248,9 @@ def foreign_ingredients(brand, product) -> list[str]:
     return sorted(name for name, entry in brand.ingredient_lexicon.items() if name not in own and not own & set(entry.covers))
 
 
-def swap_ingredient(brand, product, text: str, rng: random.Random) -> str | None:
+def swap_ingredient(brand, sample: dict, rng: random.Random) -> str | None:
     """Replaces the first mentioned ingredient with one the product does not contain."""
+    product, text = brand.product(sample["product_id"]), sample["text"]
     found = [(text.find(form), form) for form, _ in _mentions(brand, product) if form in text]
     if not found:
         return None
@@ -263,8 +258,9 @@ def swap_ingredient(brand, product, text: str, rng: random.Random) -> str | None
     return text.replace(form, rng.choice(foreign_ingredients(brand, product)), 1)
 
 
-def alter_concentration(brand, product, text: str, rng: random.Random) -> str | None:
+def alter_concentration(brand, sample: dict, rng: random.Random) -> str | None:
     """Changes one stated concentration (``5%`` -> ``10%``) to a value the catalog does not give."""
+    product, text = brand.product(sample["product_id"]), sample["text"]
     for ingredient in product.ingredients:
         if ingredient.concentration is None:
             continue
@@ -275,25 +271,34 @@ def alter_concentration(brand, product, text: str, rng: random.Random) -> str | 
     return None
 
 
-def insert_banned(brand, product, text: str, rng: random.Random) -> str | None:
+def insert_banned(brand, sample: dict, rng: random.Random) -> str | None:
     """Inserts a banned word, an absolute claim and a run of exclamation marks."""
     word = rng.choice(brand.banned_words)
-    return f"{word}！！{text}效果最好，立刻见效！！"
+    return f"{word}！！{sample['text']}效果最好，立刻见效！！"
 
 
-def drop_cta(brand, product, text: str, rng: random.Random, content_type: str = "") -> str | None:
+def drop_cta(brand, sample: dict, rng: random.Random) -> str | None:
     """Drops every sentence with a call to action (only for types that require one)."""
-    if not brand.content_type(content_type).cta_required:
+    if not brand.content_type(sample["content_type"]).cta_required:
         return None
-    sentences = re.split(r"(?<=[。！？!?\n])", text)
+    sentences = re.split(r"(?<=[。！？!?\n])", sample["text"])
     normalised = [unicodedata.normalize("NFKC", s).lower() for s in sentences]
     kept = [s for s, n in zip(sentences, normalised) if not any(re.search(p, n) for p in brand.cta_patterns)]
     return "".join(kept).strip() if len(kept) < len(sentences) and "".join(kept).strip() else None
 
 
-def truncate(brand, product, text: str, rng: random.Random) -> str | None:
+def truncate(brand, sample: dict, rng: random.Random) -> str | None:
     """Cuts the copy off at 30-50% of its length, mid-thought."""
-    return text[: max(1, int(len(text) * rng.uniform(0.3, 0.5)))]
+    return sample["text"][: max(1, int(len(sample["text"]) * rng.uniform(0.3, 0.5)))]
+
+
+OFFLINE_NEGATIVES = {  # kind -> (make, family, lint kinds it must trigger; () = no requirement)
+    "swap_ingredient": (swap_ingredient, "fake", FACT_KINDS),
+    "alter_concentration": (alter_concentration, "fake", FACT_KINDS),
+    "insert_banned": (insert_banned, "exaggerated", EXAGGERATION_KINDS),
+    "drop_cta": (drop_cta, "weak", ("missing_cta",)),
+    "truncate": (truncate, "weak", ()),
+}
 
 
 def offline_negatives(brand, sample: dict, seed: int = 0) -> list[dict]:
@@ -303,13 +308,9 @@ def offline_negatives(brand, sample: dict, seed: int = 0) -> list[dict]:
         Negative records (see ``make_negatives``); kinds that do not apply or that lint does not
         catch are left out.
     """
-    product = brand.product(sample["product_id"])
     negatives = []
-    for kind, (family, must_trigger) in OFFLINE_NEGATIVES.items():
-        rng = random.Random(f"{seed}:{sample['id']}:{kind}")
-        make = globals()[kind]
-        extra = {"content_type": sample["content_type"]} if kind == "drop_cta" else {}
-        text = make(brand, product, sample["text"], rng, **extra)
+    for kind, (make, family, must_trigger) in OFFLINE_NEGATIVES.items():
+        text = make(brand, sample, random.Random(f"{seed}:{sample['id']}:{kind}"))
         if text is None or text == sample["text"]:
             continue
         kinds = violation_kinds(brand, text, sample["content_type"], sample["product_id"])
@@ -493,15 +494,14 @@ def _dataset_info(names: list[str]) -> dict:
 def golden_responder(brand, seed: int = 0):
     """A ``ScriptedServer`` responder that answers datagen prompts with realistic brand copy.
 
-    Generation and cleaning prompts get the golden copy of their (product, content type) when
-    the golden set has it (else the golden copy of another product: the fact check then rejects
-    it, as it would a real model's mistake); exaggerated and fake negative prompts get the
-    offline negative of the source text; the weak prompt gets a bland one-liner. Anything else
-    gets the last user message echoed.
+    Generation and cleaning prompts get the golden copy of their (product, content type); a pair
+    the golden set lacks gets a one-line note that lint rejects (too short), so it ends in the
+    failures file instead of passing another product's copy off as this one's. Exaggerated and
+    fake negative prompts get the offline negative of the quoted text; the weak prompt gets a
+    bland one-liner; anything else gets the last user message echoed.
     """
     golden = load_golden(brand)
     by_pair = {(r["product_id"], r["content_type"]): r["text"] for r in golden}
-    by_type = {r["content_type"]: r["text"] for r in golden}
     names = {p.name: p for p in brand.products.values()}
 
     def respond(body: dict) -> str:
@@ -513,13 +513,12 @@ def golden_responder(brand, seed: int = 0):
         task, product_id, content_type = header.groups()
         source = re.search(r"【原文】\n(.*)\n【原文结束】", users[0], re.S)
         rng = random.Random(f"{seed}:{users[-1]}")
-        product = brand.product(product_id)
+        sample = {"product_id": product_id, "content_type": content_type, "text": source.group(1) if source else ""}
         if task == prompts.EXAGGERATED:
-            return insert_banned(brand, product, source.group(1), rng)
+            return insert_banned(brand, sample, rng)
         if task == prompts.FAKE:
-            text = source.group(1)
-            return swap_ingredient(brand, product, text, rng) or alter_concentration(brand, product, text, rng) or text + "另含5%视黄醇。"
-        return by_pair.get((product_id, content_type), by_type[content_type])
+            return swap_ingredient(brand, sample, rng) or alter_concentration(brand, sample, rng) or sample["text"] + "另含5%视黄醇。"
+        return by_pair.get((product_id, content_type), f"（示例服务器没有{product_id}的这类范文）")
 
     return respond
 

@@ -289,9 +289,11 @@ def parse_best(text: str, labels: list[str]) -> str:
 # --- running -------------------------------------------------------------------------------------
 
 
-def _key(kind: str, item_key: str, name: str, messages: list[dict]) -> str:
-    """Request key; the hash changes when the prompt does (new generations), so stale answers are not reused."""
-    digest = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+def _key(kind: str, item_key: str, name: str, model: str, messages: list[dict]) -> str:
+    """Request key; its hash changes with the judge model and the prompt (new generations), so a
+    rerun never reuses another judge's or a stale answer from the resumable results file."""
+    blob = json.dumps([model, messages], ensure_ascii=False).encode("utf-8")
+    digest = hashlib.sha256(blob).hexdigest()[:16]
     return f"{kind}:{item_key}:{name}:{digest}"
 
 
@@ -332,7 +334,7 @@ def judge_single(client: LLMClient, brand, items: list[JudgeItem], candidates: l
     for item in items:
         for name in candidates:
             messages = single_messages(brand, item, name)
-            jobs.append((item, name, Request(_key("single", item.key, name, messages), messages, dict(JUDGE_PARAMS))))
+            jobs.append((item, name, Request(_key("single", item.key, name, client.config.model, messages), messages, dict(JUDGE_PARAMS))))
     answers, failures = _answers(client, [job[2] for job in jobs], Path(out_dir), "single")
     results = []
     for item, name, request in jobs:
@@ -364,7 +366,7 @@ def judge_best_of(
         requests = []
         for number, shown in enumerate(layouts):
             messages = best_of_messages(brand, item, [(label, item.text(name)) for label, name in shown])
-            requests.append(Request(_key(f"best{number}", item.key, model, messages), messages, dict(JUDGE_PARAMS)))
+            requests.append(Request(_key(f"best{number}", item.key, model, client.config.model, messages), messages, dict(JUDGE_PARAMS)))
         jobs.append((item, layouts, requests))
     answers, failures = _answers(client, [r for job in jobs for r in job[2]], Path(out_dir), "best_of")
     results = []

@@ -31,6 +31,9 @@ from functools import lru_cache
 
 from brandcopy.brand import read_records
 
+RULE_KINDS = ("forbidden_word", "absolute_claim", "exclamation", "missing_cta", "length", "markup")
+FACT_KINDS = frozenset({"unknown_ingredient", "wrong_concentration", "unsupported_claim", "wrong_spf"})  # need a product_id
+
 _CLAUSE_END = "。!?;,:\n…"
 _MARKUP = tuple((re.compile(pattern), label) for pattern, label in [
     (r"\*\*|__", "Markdown 加粗符号"),
@@ -52,8 +55,11 @@ _PERCENT_AFTER = re.compile(
 _PERCENT_BEFORE = re.compile(r"(\d+(?:\.\d+)?)\s*%\s*(?:浓度)?\s*的?\s*$")
 _ING_NEGATION = re.compile(
     r"不含|不添加|未添加|没有添加|无添加|零添加|不使用|未使用|没有使用|剔除|去除了|摒弃|拒绝|不是|并非|而非|区别于|不同于"
-    r"|没有|无|免|零|(?<![\d.])0(?![\d.%])")
-_ING_NEGATION_AFTER = re.compile(r"^[\s、,和与及或/]*(?:均|都|也|皆|一律)?(?:未|不|没有|零|无)(?:添加|含|使用)")
+    r"|没有|无|免|零|(?<![\d.])0(?![\d.%])"
+    # advice to keep another ingredient apart is not a claim that the product contains it
+    r"|避免与|避免和|不要与|不要和|不建议与|不建议和|别与|别和|勿与|不宜与|不能与|不能和|不可与|错开")
+_ING_NEGATION_AFTER = re.compile(
+    r"^[\s、,和与及或/]*(?:均|都|也|皆|一律)?(?:未|不|没有|零|无)(?:添加|含|使用)|^等?类?(?:产品)?(?:错开|分开|分早晚|间隔)")
 _PHYSIOLOGY_BEFORE = re.compile(
     r"(?:皮肤|肌肤|角质层|细胞间|真皮层?|表皮层?|屏障|体内|人体)(?:自身|本身|自带|原有)?(?:中|里|内|间)?|自身|天然存在|促进|合成")
 _PHYSIOLOGY_AFTER = re.compile(
@@ -61,7 +67,9 @@ _PHYSIOLOGY_AFTER = re.compile(
 _ING_FILLER = re.compile(r"[\s、,和与及或/]|以及|或者|任何|额外|添加|含有|使用|的")
 _CLAIM_EXEMPT = re.compile(
     r"不能|无法|不会|并不|并非|不是|不主打|不宣称|没有|不具备|不可|不做|不承诺|不等于|不代表|避免|不要|别|过度|频繁|过量|无需|不必|不用"
-    r"|做好|注意|加强|及时|搭配|配合|记得|叠加|后续|再做|另外|需要|需|建议|同时|加上|辅以")
+    r"|不含|不添加|做好|注意|加强|及时|搭配|配合|记得|叠加|后续|再做|另外|需要|需|建议|同时|加上|辅以")
+# a claim phrase naming another product or step ("涂一层保湿霜", "防晒霜") is not a claim
+_CLAIM_NOUN_AFTER = re.compile(r"^(?:霜|乳|步骤|工作|环节|措施)")
 _CLAIM_CONTRAST = re.compile(r"而是|但|却|而|还能|也能")
 _CLAIM_FILLER = re.compile(r"[\s、,和与及或/的]")
 _SPF = re.compile(r"(?<![a-z])spf\s*(\d+)\s*(\+?)")
@@ -278,7 +286,9 @@ def _check_concentration(text, norm, match, ingredient):
 
 
 def _claim_exempt(norm, start, end, rules):
-    """True when a claim phrase is negated or advice: 并非美白产品 / 白天做好防晒 / 避免过度去角质."""
+    """True when a claim phrase is negated, advice or another product: 并非美白产品 / 白天做好防晒 / 保湿霜."""
+    if _CLAIM_NOUN_AFTER.match(norm[end:end + 2]):
+        return True
     left, _ = _clause_bounds(norm, start, end)
     prefix = norm[left:start]
     cues = list(_CLAIM_EXEMPT.finditer(prefix))
@@ -376,9 +386,10 @@ def result_json(record_id, result):
 
 def _marked(text, span, width=18):
     start, end = span
-    left = text[max(0, start - width):start].replace("\n", " ")
-    right = text[end:end + width].replace("\n", " ")
-    return f"…{left}⟦{text[start:end]}⟧{right}…"
+    left = text[max(0, start - width):start]
+    right = text[end:end + width]
+    middle = text[start:end] if end - start <= 2 * width else f"{text[start:start + width]}……{text[end - width:end]}"
+    return f"…{left}⟦{middle}⟧{right}…".replace("\n", " ")
 
 
 def format_report(linted):

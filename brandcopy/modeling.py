@@ -106,25 +106,40 @@ QWEN25_CHAT_TEMPLATE = """{%- if tools %}
 {%- endif %}
 """
 
-# The same template with the plain assistant turn (content, <|im_end|> and its newline) inside
-# {% generation %} markers, so `return_assistant_tokens_mask=True` (TRL's assistant_only_loss)
-# trains the end-of-turn token. It renders every conversation exactly like the original.
-QWEN25_TRAINING_CHAT_TEMPLATE = QWEN25_CHAT_TEMPLATE.replace(
-    """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+# Qwen2.5's branch for user/system turns and plain (tool-free) assistant turns, and its training
+# variant: the assistant content, <|im_end|> and newline inside {% generation %} markers, so that
+# `return_assistant_tokens_mask=True` (TRL's assistant_only_loss) trains the end-of-turn token.
+# The Qwen2.5 family (Instruct, base, 4-bit uploads) shares this branch while default system
+# prompts differ, so fix_special_tokens patches the branch rather than matching whole templates.
+_PLAIN_TURN = """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-""",
-    """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+"""
+_PLAIN_TURN_TRAINING = """    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
     {%- elif message.role == "assistant" and not message.tool_calls %}
         {{- '<|im_start|>assistant\\n' }}
         {%- generation %}
         {{- message.content + '<|im_end|>' + '\\n' }}
         {%- endgeneration %}
-""",
-)
+"""
 
-# Templates fix_special_tokens knows how to make training-compatible: original -> training variant.
-TRAINING_CHAT_TEMPLATES = {QWEN25_CHAT_TEMPLATE: QWEN25_TRAINING_CHAT_TEMPLATE}
+
+def training_chat_template(template: str) -> str:
+    """The training variant of a Qwen2.5-family chat template (renders identically, has markers).
+
+    Raises:
+        ValueError: The template lacks Qwen2.5's plain-turn branch.
+    """
+    if _PLAIN_TURN not in template:
+        raise ValueError(
+            "The chat template has no {% generation %} markers and is not a Qwen2.5-family template "
+            "fix_special_tokens can patch. Wrap the assistant content and its <|im_end|> in "
+            "{% generation %}...{% endgeneration %} and set tokenizer.chat_template to it."
+        )
+    return template.replace(_PLAIN_TURN, _PLAIN_TURN_TRAINING)
+
+
+QWEN25_TRAINING_CHAT_TEMPLATE = training_chat_template(QWEN25_CHAT_TEMPLATE)
 
 # Conversations on which a training template must render exactly like the inference template.
 _PROBE_CONVERSATIONS = [
@@ -258,6 +273,9 @@ def _tiny_qwen2(tokenizer: Qwen2Tokenizer, *, hidden_size: int, num_layers: int,
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
+        # 5x the usual 0.02: a random model this narrow needs larger weights before LoRA alone (frozen
+        # lm_head) can sharpen its logits; with 0.02 a LoRA SFT on it cannot move the loss.
+        initializer_range=0.1,
         bos_token_id=endoftext,
         eos_token_id=im_end,
         dtype="bfloat16",
@@ -457,8 +475,12 @@ def _import_unsloth():
     """Import unsloth or explain how to get it."""
     if importlib.util.find_spec("unsloth") is None:
         raise ImportError(f"backend='unsloth' but unsloth is not installed: {UNSLOTH_INSTALL}, or use backend='hf'.")
-    import unsloth
-
+    try:
+        import unsloth
+    except ImportError as error:
+        raise ImportError(
+            f"unsloth is installed but does not import ({error}); install the missing package, or use backend='hf'."
+        ) from error
     return unsloth
 
 
@@ -466,10 +488,12 @@ def _pick_backend() -> str:
     if not torch.cuda.is_available():
         logger.info("backend=auto -> hf: no CUDA device (unsloth's GPU kernels need one).")
         return "hf"
-    if importlib.util.find_spec("unsloth") is None:
-        logger.info("backend=auto -> hf: CUDA is present but unsloth is not installed (%s).", UNSLOTH_INSTALL)
+    try:
+        _import_unsloth()
+    except ImportError as error:
+        logger.warning("backend=auto -> hf: CUDA is present but %s", error)
         return "hf"
-    logger.info("backend=auto -> unsloth: CUDA is present and unsloth is installed.")
+    logger.info("backend=auto -> unsloth: CUDA is present and unsloth imports.")
     return "unsloth"
 
 
@@ -620,12 +644,12 @@ def fix_special_tokens(model, tokenizer) -> dict[str, tuple]:
 
     Returns:
         What changed: {name: (old, new)} for "eos_token", "pad_token", "chat_template",
-        "config.eos_token_id", "config.pad_token_id", "generation_config.eos_token_id",
-        "generation_config.pad_token_id", "embeddings".
+        "config.eos_token_id", "config.pad_token_id", "config.bos_token_id" and the same three of
+        "generation_config.", and "embeddings".
 
     Raises:
         ValueError: No chat template, a template that does not use ``<|im_end|>``, or one this
-            function cannot make training-compatible (see TRAINING_CHAT_TEMPLATES).
+            function cannot make training-compatible (see `training_chat_template`).
     """
     changes = {}
     _set_eos(tokenizer, changes)
@@ -664,13 +688,7 @@ def _set_training_template(tokenizer, changes: dict) -> None:
     template = tokenizer.chat_template
     if has_generation_markers(template):
         return
-    if template not in TRAINING_CHAT_TEMPLATES:
-        raise ValueError(
-            "The chat template has no {% generation %} markers and is not one fix_special_tokens knows "
-            "(Qwen2.5's). Wrap the assistant content and its <|im_end|> in {% generation %}...{% endgeneration %} "
-            "and set tokenizer.chat_template to it."
-        )
-    training = TRAINING_CHAT_TEMPLATES[template]
+    training = training_chat_template(template)
     _assert_same_rendering(tokenizer, template, training)
     tokenizer.chat_template = training
     changes["chat_template"] = ("inference template", "training template with {% generation %} markers")
@@ -694,9 +712,9 @@ def _assert_same_rendering(tokenizer, template: str, training: str) -> None:
 
 
 def _sync_model_ids(model, tokenizer, changes: dict) -> None:
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
     for name, config in (("config", model.config), ("generation_config", model.generation_config)):
-        for key, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        for key, value in ids.items():
             if getattr(config, key) != value:
                 changes[f"{name}.{key}"] = (getattr(config, key), value)
                 setattr(config, key, value)

@@ -99,17 +99,32 @@ def load_split(data_dir: str | Path, kind: str, split: str):
     return Dataset.from_list(read_jsonl(data_file(data_dir, kind, split), DATA_KINDS[kind]))
 
 
-def begin_stage(cfg) -> Path:
-    """Prepare ``cfg.out_dir`` for a (re)run: drop the old manifest, keep checkpoints only to resume.
+def begin_stage(cfg) -> str | None:
+    """Prepare ``cfg.out_dir`` for a (re)run.
+
+    An interrupted run (checkpoints, no manifest) resumes from its last checkpoint when
+    ``cfg.resume``; a finished stage run again starts over. The old manifest is removed first,
+    so the folder reads as unfinished until this run completes.
 
     Returns:
         The last checkpoint to resume from, or None.
     """
+    from accelerate import PartialState
+
+    # With several processes (accelerate launch) the main one decides and cleans up first; the
+    # others then see the cleaned folder and reach the same decision.
+    with PartialState().main_process_first():
+        return _prepare_stage_dir(cfg)
+
+
+def _prepare_stage_dir(cfg) -> str | None:
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    finished = is_complete(out)
     (out / "manifest.json").unlink(missing_ok=True)
     checkpoints = out / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if cfg.resume and checkpoints.is_dir() else None
+    interrupted = cfg.resume and not finished and checkpoints.is_dir()
+    resume_from = get_last_checkpoint(str(checkpoints)) if interrupted else None
     if resume_from is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -332,8 +347,20 @@ def changed_params(before: dict, model) -> list[str]:
     return changed
 
 
+def is_main_process() -> bool:
+    """True in the process that writes shared files (the only one without accelerate launch)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def finish_stage(cfg, data_files: list[Path], plot_keys: tuple[str, ...], extra: dict) -> Path:
-    """Plot the curve and write the manifest (last): the stage folder is then complete."""
+    """Plot the curve and write the manifest (last): the stage folder is then complete.
+
+    Only the main process writes; the others return the folder.
+    """
+    if not is_main_process():
+        return cfg.out_dir
     plot_metrics(cfg.out_dir / "metrics.jsonl", cfg.out_dir / "curve.png", plot_keys, title=f"{cfg.run} / {cfg.stage}")
     write_manifest(cfg, data_files, extra)
     return cfg.out_dir
@@ -348,5 +375,6 @@ def final_eval(trainer) -> dict:
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
     """Save the trained ("default") adapter and the tokenizer; TRL's frozen "ref" copy stays out."""
-    model.save_pretrained(str(out_dir), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(out_dir))
+    if is_main_process():
+        model.save_pretrained(str(out_dir), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(out_dir))

@@ -25,3 +25,54 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from brandcopy.modeling import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_corpus())
+
+
+# --- training (train/*, run.py) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trainable_tiny_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its output layer scaled x10, so that a LoRA-only model can become confident.
+
+    At hidden size 64 with initializer_range 0.02 every logit stays within about +-1.3: an
+    adapter cannot move the frozen lm_head, so sampled text stays near uniform and GRPO has
+    nothing to learn from. A wider logit range is still a random model.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("trainable-tiny-model") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    model.save_pretrained(out)
+    return out
+
+
+def tiny_overrides(output_root: Path, model_dir: Path, run: str = "t") -> list[str]:
+    """Overrides of configs/tiny-cpu.yaml that keep a training test to seconds."""
+    return [f"output_root={output_root}", f"run={run}", f"model={model_dir}", "max_seq_length=256",
+            "lr_scheduler=constant", "warmup_ratio=0", "save_steps=100", "lora_rank=16", "lora_alpha=32"]
+
+
+@pytest.fixture(scope="session")
+def sft_run(trainable_tiny_model_dir, tmp_path_factory):
+    """A finished SFT stage on the tiny data (30 steps): DPO, GRPO and merge tests start from it.
+
+    Returns:
+        (overrides for the run, the sft folder).
+    """
+    from train_data import write_tiny_data
+
+    from brandcopy.config import SFTStageConfig, load_stage_config
+    from brandcopy.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("runs")
+    overrides = tiny_overrides(root, trainable_tiny_model_dir)
+    write_tiny_data(root / "t" / "data")
+    cfg = load_stage_config(SFTStageConfig, REPO / "configs" / "tiny-cpu.yaml",
+                            overrides + ["sft_max_steps=30", "sft_lr=5e-3"])
+    return overrides, run_sft(cfg)

@@ -47,21 +47,21 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in raw.splitlines()]
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_thousand_requests_with_thirty_percent_faults(tmp_path, stream):
+@pytest.mark.parametrize(("stream", "n"), [(False, 1000), (True, 300)])
+def test_thousand_requests_with_thirty_percent_faults(tmp_path, stream, n):
     faults = Faults(rate=0.3, timeout_seconds=1.5, slow_seconds=0.05, retry_after=0.02)
     with ScriptedServer(faults=faults, seed=3) as server:
         summary = run_requests(
-            LLMClient(fast_config(server, stream=stream, timeout=0.5)), echo_requests(1000),
+            LLMClient(fast_config(server, stream=stream, timeout=0.5)), echo_requests(n),
             tmp_path / "out.jsonl", tmp_path / "failures.jsonl",
         )
         injected = sum(count for kind, count in server.stats.items() if kind not in ("requests", "answered", "slow"))
     produced, failed = lines(tmp_path / "out.jsonl"), lines(tmp_path / "failures.jsonl")
     keys = [record["key"] for record in produced + failed]
-    assert sorted(keys) == sorted(f"k{i}" for i in range(1000))  # every key, no duplicates
+    assert sorted(keys) == sorted(f"k{i}" for i in range(n))  # every key, no duplicates
     assert all(record["text"] == f"收到：问题{record['meta']['i']}" for record in produced)  # no placeholder
-    assert injected > 250 and summary.usage["retries"] >= injected
-    assert summary.produced == len(produced) >= 995
+    assert injected > 0.2 * n and summary.usage["retries"] >= injected
+    assert summary.produced == len(produced) >= 0.995 * n
     assert all(record["reason"] for record in failed)
 
 
@@ -219,22 +219,28 @@ run_requests(LLMClient(config), requests, out, out + ".failures")
 """
 
 
+def _line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def test_sigkill_at_five_random_points_then_resume(tmp_path):
     out = tmp_path / "out.jsonl"
-    rng = random.Random(11)
+    kill_points = sorted(random.Random(11).sample(range(10, 290), 5))  # results written when each kill lands
     env = os.environ | {"PYTHONPATH": str(REPO)}
     with ScriptedServer(latency=0.02, faults=Faults(rate=0.2, kinds=("rate_limit", "server_error", "malformed")), seed=5) as server:
         command = [sys.executable, "-c", KILL_SCRIPT, server.url, str(out)]
         sizes = []
-        for _ in range(5):
+        for point in kill_points:
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(1.2, 2.2))  # startup is about 1 s; each run gets part of the way
+            deadline = time.monotonic() + 30
+            while _line_count(out) < point and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-            sizes.append(len(out.read_bytes().splitlines()) if out.exists() else 0)
+            sizes.append(_line_count(out))
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
     records = lines(out)
-    assert sizes[-1] < 300 and sizes[0] < sizes[-1]  # the kills really interrupted work in progress
+    assert all(point <= size < 300 for point, size in zip(kill_points, sizes))  # each kill interrupted a run
     assert sorted(r["key"] for r in records) == sorted(f"k{i}" for i in range(300))
     assert all(r["text"] == "收到：问题" + r["key"][1:] for r in records)
 

@@ -112,3 +112,22 @@ def test_rejects_unknown_model_and_wrong_key():
 def test_unknown_fault_kind_is_an_error():
     with pytest.raises(ValueError, match="unknown fault kinds"):
         Faults(kinds=("rate_limit", "meteor"))
+
+
+def test_serve_mock_command_serves_until_interrupted():
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "brandcopy.cli", "data", "serve-mock", "--port", "0", "--brand", ""]
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(repo)})
+    try:
+        url = process.stdout.readline().split()[-4]
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5)
+        assert client.chat.completions.create(model="any", messages=[{"role": "user", "content": "在吗"}]).choices[0].message.content == "收到：在吗"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0

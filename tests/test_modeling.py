@@ -238,6 +238,14 @@ def test_auto_backend_picks_hf_without_cuda(tiny_model_dir, caplog):
     assert type(model).__name__ == "Qwen2ForCausalLM"
 
 
+def test_auto_backend_falls_back_to_hf_on_gpu_without_unsloth(monkeypatch, caplog):
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
+    _hide_module(monkeypatch, "unsloth")
+    with caplog.at_level(logging.INFO, logger="brandcopy.modeling"):
+        assert modeling._pick_backend() == "hf"
+    assert "CUDA is present but" in caplog.text and "unsloth is not installed" in caplog.text
+
+
 UNSLOTH_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -327,3 +335,11 @@ def test_bad_backend_and_lora_settings_are_clear_errors(tiny_model_dir, no_model
         load_model(tiny_model_dir, backend="vllm")
     with pytest.raises(ValueError, match="Unknown LoRA setting.*rank"):
         load_model(tiny_model_dir, lora={"rank": 8})
+
+
+def test_adapter_folder_given_to_load_model_names_load_adapter_model(tmp_path, no_model_loading):
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="load_adapter_model"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="base_model_name_or_path is empty"):
+        load_adapter_model(tmp_path)

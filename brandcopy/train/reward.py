@@ -109,8 +109,9 @@ def run_reward(cfg: RewardStageConfig, callbacks: list | tuple = ()) -> Path:
     changed = changed_params(before, trainer.model)
     accuracy = pairwise_accuracy(trainer.model, tokenizer, val)
     trainer.log({"heldout_pairwise_accuracy": accuracy})
-    trainer.save_model(str(cfg.out_dir))
-    tokenizer.save_pretrained(str(cfg.out_dir))
+    trainer.save_model(str(cfg.out_dir))  # writes from the main process only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(cfg.out_dir))
     files = [data_file(cfg.data_path, "preference", s) for s in ("train", "val")]
     extra = {"train_loss": result.training_loss, "global_step": result.global_step, "resumed_from": resume_from,
              "changed_tensors": len(changed), "heldout_pairs": len(val),

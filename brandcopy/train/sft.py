@@ -74,7 +74,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     changes = fix_special_tokens(model, tokenizer)
     logger.info("fix_special_tokens changed: %s", changes or "nothing")
     report = check_training_example(tokenizer, train[0])
-    atomic_write_text(cfg.out_dir / "training_example.txt", str(report))
+    atomic_write_text(cfg.out_dir / "training_example.txt", str(report))  # same text from every process
     logger.info("training example, trained spans in [[ ]]:\n%s", report)
     trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
                          processing_class=tokenizer,
@@ -83,8 +83,9 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = final_eval(trainer) if val is not None else {}
     changed = changed_params(before, model)
-    trainer.save_model(str(cfg.out_dir))
-    tokenizer.save_pretrained(str(cfg.out_dir))
+    trainer.save_model(str(cfg.out_dir))  # writes from the main process only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(cfg.out_dir))
     files = [data_file(cfg.data_path, "sft", "train")] + ([data_file(cfg.data_path, "sft", "val")] if val else [])
     extra = {"train_loss": result.training_loss, "global_step": result.global_step,
              "resumed_from": resume_from, "changed_tensors": len(changed), "eval_loss": metrics.get("eval_loss"),

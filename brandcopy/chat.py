@@ -89,7 +89,9 @@ def _adapter_context(model, adapter: str):
     return model.disable_adapter() if adapter == BASE and isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
-def stream_reply(model, tokenizer, messages: list[dict], adapter: str, params: GenerationParams = CHAT_PARAMS) -> Iterator[str]:
+def stream_reply(
+    model, tokenizer, messages: list[dict], adapter: str, params: GenerationParams = CHAT_PARAMS
+) -> Iterator[str]:
     """Yield the reply to ``messages`` piece by piece as it is generated.
 
     Generation runs in a worker thread feeding a ``TextIteratorStreamer``; an error there is
@@ -112,7 +114,8 @@ def stream_reply(model, tokenizer, messages: list[dict], adapter: str, params: G
         torch.manual_seed(params.seed)
         try:
             with torch.inference_mode(), _adapter_context(model, adapter):
-                model.generate(**inputs, streamer=streamer, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                model.generate(**inputs, streamer=streamer, max_new_tokens=params.max_new_tokens,
+                               do_sample=params.do_sample,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
         except Exception as err:  # re-raised in the caller's thread below
             errors.append(err)

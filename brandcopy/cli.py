@@ -297,20 +297,31 @@ def chat_command(
 
 @app.command()
 def demo(
-    out_dir: str = typer.Option("outputs/demo", help="Run directory for the tiny model and the adapter."),
-    steps: int = typer.Option(80, help="SFT steps."),
-    backend: str = typer.Option("auto", help="auto, unsloth or hf."),
+    config: str = typer.Option("configs/tiny-cpu.yaml", "--config", "-c", help="Preset; the CPU default runs in minutes."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides for any stage, e.g. run=demo grpo_max_steps=4."),
+    base_url: str = typer.Option("", envvar="BRANDCOPY_BASE_URL",
+                                 help="OpenAI-compatible endpoint for the data and the judge; empty: the built-in scripted server."),
+    api_model: str = typer.Option("deepseek-chat", envvar="BRANDCOPY_MODEL", help="Model name at --base-url."),
+    api_key_env: str = typer.Option("DEEPSEEK_API_KEY", envvar="BRANDCOPY_API_KEY_ENV",
+                                    help="NAME of the environment variable holding the endpoint's key."),
 ):
-    """Build the tiny local model, fine-tune it briefly and print a sample (CPU, offline)."""
+    """The whole pipeline on the CPU default: tiny model, data, SFT, reward model, GRPO, merge, judged evaluation."""
+    from brandcopy.config import ConfigError
     from brandcopy.demo import run_demo
+    from brandcopy.run import StageInputError
 
-    result = run_demo(out_dir, steps=steps, backend=backend)
-    typer.echo(f"loss: {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-    typer.echo(f"prompt: {result.prompt}")
-    typer.echo(f"sample: {result.sample}")
-    typer.echo(f"stopped at <|im_end|>: {result.stopped}")
-    typer.echo(f"tiny model: {result.model_dir}")
-    typer.echo(f"adapter:    {result.adapter_dir}")
+    try:
+        result = run_demo(config, overrides or [], base_url=base_url, api_model=api_model, api_key_env=api_key_env)
+    except (ConfigError, StageInputError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for sample in result.samples:
+        typer.echo(f"\n=== {sample['id']} ({sample['content_type']})\n--- golden: {sample['golden'][:120]}")
+        for name, text in sample["models"].items():
+            typer.echo(f"--- {name}: {text[:120]}")
+    typer.echo("\n" + "\n".join(f"{stage}: {summary}" for stage, summary in result.summaries.items()))
+    typer.echo("seconds: " + ", ".join(f"{step} {seconds}" for step, seconds in result.seconds.items()))
+    typer.echo(f"run directory: {result.run_dir}\nreport: {result.report}")
 
 
 if __name__ == "__main__":

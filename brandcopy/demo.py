@@ -1,44 +1,134 @@
-"""The CPU demo behind ``make demo``: the whole model path on the tiny local model, in a minute.
+"""The whole pipeline as library calls: what ``make demo`` runs and what the notebooks wire together.
 
-Builds the tiny Qwen2 model from the repository's own text, loads it through ``load_model``,
-fixes EOS/pad/template, runs a short assistant-only SFT, saves the adapter and generates a sample
-that ends at the end-of-turn token. Later stages (data, DPO, GRPO, evaluation) join it as they land.
+``run_demo`` runs every stage on the CPU default (``configs/tiny-cpu.yaml``) in one run directory:
+the tiny model, the data through the scripted OpenAI-compatible server (or a real endpoint), SFT,
+the reward model, GRPO, the merge and the evaluation with the judge. Each stage is its own entry
+point (``run_sft(cfg)``, ..., ``run_eval(cfg)``) called with a config loaded from the preset; this
+module only chooses the preset, builds the tiny model when the preset asks for it, and starts the
+scripted server when no endpoint is given.
+
+The helpers here are the ones the numbered notebooks call: ``use_repo_root``, ``preset_path``,
+``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
+``stage_summary`` and ``eval_samples``.
 """
 
-import re
-from dataclasses import dataclass
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
-
-from brandcopy.generation import GenerationParams, generate_batch
-from brandcopy.modeling import LoraSettings, build_tiny_model, check_training_example, fix_special_tokens, load_model
+from brandcopy.config import (
+    DPOStageConfig,
+    EvalStageConfig,
+    GRPOStageConfig,
+    MergeStageConfig,
+    RewardStageConfig,
+    SFTStageConfig,
+    config_keys,
+    load_stage_config,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml", "data/brands/*/*.jsonl")
+CPU_PRESET = "tiny-cpu"
+GPU_PRESET = "qwen2.5-7b-24gb"
+TINY_MODEL_NAME = "tiny-model"  # a preset whose `model` is a folder of this name gets the tiny model built there
+STAGE_CONFIGS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "dpo": DPOStageConfig,
+                 "grpo": GRPOStageConfig, "merged": MergeStageConfig, "eval": EvalStageConfig}
+MANIFEST_RESULTS = ("train_loss", "eval_loss", "global_step", "changed_tensors", "heldout_pairwise_accuracy_before",
+                    "heldout_pairwise_accuracy", "eval_reward_accuracy", "rewards", "merged_from", "partial")
 
 
-@dataclass
-class DemoResult:
-    """What the demo produced.
+# --- presets and run configs ---------------------------------------------------------------------
 
-    Attributes:
-        model_dir: The tiny base model.
-        adapter_dir: The SFT adapter and its fixed tokenizer.
-        prompt: The user turn the sample answers.
-        sample: The generated completion, special tokens included.
-        stopped: Whether generation ended with the end-of-turn token.
-        losses: Training loss at each logged step.
+
+def find_repo_root(start: str | Path | None = None) -> Path:
+    """The repository root: the first folder at or above ``start`` (default: cwd) with configs/ and data/brands/.
+
+    Raises:
+        FileNotFoundError: No such folder above ``start``.
     """
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "configs").is_dir() and (folder / "data" / "brands").is_dir():
+            return folder
+    raise FileNotFoundError(f"no brandcopy checkout (a folder with configs/ and data/brands/) at or above {start}")
 
-    model_dir: Path
-    adapter_dir: Path
-    prompt: str
-    sample: str
-    stopped: bool
-    losses: list[float]
+
+def use_repo_root() -> Path:
+    """Change into the repository root so that presets' relative paths (``outputs/...``) mean the same
+    thing from a notebook in ``notebooks/`` as from the command line. Returns the root."""
+    root = find_repo_root()
+    os.chdir(root)
+    return root
+
+
+def preset_path(preset: str = "auto") -> Path:
+    """The preset file for a name, a path, or ``auto``.
+
+    Args:
+        preset: ``auto`` (``qwen2.5-7b-24gb`` where CUDA is present, else ``tiny-cpu``), a preset name
+            under ``configs/`` (``tiny-cpu``) or a YAML path.
+
+    Raises:
+        FileNotFoundError: The preset does not exist; the message lists the shipped ones.
+    """
+    if preset == "auto":
+        import torch
+
+        preset = GPU_PRESET if torch.cuda.is_available() else CPU_PRESET
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = find_repo_root() / "configs" / f"{preset}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(p.stem for p in sorted((find_repo_root() / "configs").glob("*.yaml")))
+        raise FileNotFoundError(f"{path}: no such preset (shipped presets: {shipped})")
+    return path
+
+
+def run_overrides(run: str = "", output_root: str = "", overrides: list[str] | tuple = ()) -> list[str]:
+    """``run=`` and ``output_root=`` (when given) followed by the user's ``key=value`` overrides."""
+    return [f"run={run}"] * bool(run) + [f"output_root={output_root}"] * bool(output_root) + list(overrides)
+
+
+def stage_config(cls: type, preset: str | Path, overrides: list[str] | tuple = ()):
+    """A stage's config from a preset and the overrides that stage reads.
+
+    One override list serves every stage of a run: keys another stage reads (``grpo_max_steps=2``
+    while loading the SFT config) are skipped here instead of being an error. Unknown keys still
+    fail, naming the key.
+
+    Args:
+        cls: A stage config class (``SFTStageConfig``, ..., ``EvalStageConfig``).
+        preset: Preset name, path or ``auto`` (see ``preset_path``).
+        overrides: ``key=value`` strings; a key without its stage prefix (``lr=1e-4``) sets it for
+            every stage that has it.
+
+    Raises:
+        ConfigError: An unknown key or a wrong-typed value.
+    """
+    own = [item for item in overrides if _reads(cls, _key(item))]
+    for item in overrides:
+        if not any(_reads(other, _key(item)) for other in STAGE_CONFIGS.values()):
+            parse_override(cls, item)  # raises the unknown-key error, with a did-you-mean hint
+    return load_stage_config(cls, preset_path(str(preset)), own)
+
+
+def _key(item: str) -> str:
+    return item.partition("=")[0].strip()
+
+
+def _reads(cls: type, key: str) -> bool:
+    """Whether a stage reads ``key``, written in full or without the stage's prefix (``lr`` for ``sft_lr``)."""
+    keys = config_keys(cls)
+    return key in keys or f"{cls.prefix}_{key}" in keys
+
+
+# --- model and endpoint ----------------------------------------------------------------------------
 
 
 def repo_texts(root: Path = REPO) -> list[str]:
@@ -47,60 +137,182 @@ def repo_texts(root: Path = REPO) -> list[str]:
     return [line for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def demo_conversations(root: Path = REPO, count: int = 8) -> list[list[dict]]:
-    """Instruction -> copy pairs from the first Chinese lines of data/tiny_corpus.txt."""
-    lines = (root / "data" / "tiny_corpus.txt").read_text(encoding="utf-8").splitlines()
-    copy = [line for line in lines if re.match(r"[\u4e00-\u9fff]", line)][:count]
-    return [
-        [{"role": "user", "content": f"写一句护肤文案，开头是“{text[:4]}”。"}, {"role": "assistant", "content": text}]
-        for text in copy
-    ]
+def ensure_tiny_model(model: str | Path) -> Path | None:
+    """Build the tiny 2-layer Qwen2 model at ``model`` when a preset names a ``tiny-model`` folder.
 
-
-def run_demo(out_dir: str | Path = "outputs/demo", *, steps: int = 80, backend: str = "auto") -> DemoResult:
-    """Build, load, fix, train and sample the tiny model; see the module docstring.
-
-    Args:
-        out_dir: Run directory; gets ``tiny-model/`` and ``sft/`` (the adapter).
-        steps: SFT optimizer steps on the 8 demo conversations.
-        backend: Loading backend for `load_model`.
+    Does nothing for a hub id or any other folder (a real base model), and reuses a tiny model
+    that was already built, so every notebook and stage of a run trains the same base.
 
     Returns:
-        Paths, the sample and the loss curve.
+        The tiny model folder, or None when ``model`` is not a tiny-model folder.
     """
-    out_dir = Path(out_dir)
-    model_dir = build_tiny_model(out_dir / "tiny-model", repo_texts())
-    model, tokenizer = load_model(model_dir, backend=backend, lora=LoraSettings(r=16, alpha=32))
-    fix_special_tokens(model, tokenizer)
-    conversations = demo_conversations()
-    print("Training example, trained spans in [[ ]]:\n" + str(check_training_example(tokenizer, {"messages": conversations[0]})))
-    losses = _train(model, tokenizer, conversations, out_dir / "sft-checkpoints", steps)
-    adapter_dir = out_dir / "sft"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    [generation] = generate_batch(model, tokenizer, [conversations[0][:1]], GenerationParams(max_new_tokens=64))
-    sample = tokenizer.decode(generation.token_ids)
-    return DemoResult(model_dir, adapter_dir, conversations[0][0]["content"], sample, generation.stopped, losses)
+    from brandcopy.modeling import build_tiny_model
+
+    path = Path(model)
+    if path.name != TINY_MODEL_NAME:
+        return None
+    if (path / "config.json").is_file():
+        return path
+    return build_tiny_model(path, repo_texts())
 
 
-def _train(model, tokenizer, conversations: list[list[dict]], checkpoint_dir: Path, steps: int) -> list[float]:
-    """A short assistant-only SFT run; returns the logged losses."""
-    gpu = torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(checkpoint_dir),
-        max_steps=steps,
-        per_device_train_batch_size=len(conversations),
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        assistant_only_loss=True,  # the loss the real SFT stage uses: assistant content + <|im_end|>
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    dataset = Dataset.from_list([{"messages": conversation} for conversation in conversations])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+@contextmanager
+def llm_endpoint(brand, base_url: str = "", model: str = "deepseek-chat", api_key_env: str = "DEEPSEEK_API_KEY",
+                 cache_dir: str | Path = "outputs/llm-cache", concurrency: int = 16) -> Iterator:
+    """The data pipeline's ``LLMConfig``: a real endpoint, or the built-in scripted server when ``base_url`` is empty.
+
+    The scripted server answers generation and cleaning prompts with the brand's golden copy and
+    negative prompts with programmatic negatives (``datagen.golden_responder``); it runs while the
+    block runs.
+
+    Args:
+        brand: A loaded Brand.
+        base_url: OpenAI-compatible endpoint (``https://api.deepseek.com``, ``https://api.openai.com/v1``,
+            ``http://127.0.0.1:8000/v1`` for vLLM); empty for the scripted server.
+        model: Model name the endpoint expects.
+        api_key_env: NAME of the environment variable holding the key ('' for a server without one).
+        cache_dir: On-disk response cache of the real endpoint.
+        concurrency: Requests in flight.
+    """
+    from brandcopy.datagen import mock_llm
+    from brandcopy.llm import LLMConfig
+
+    if not base_url:
+        with mock_llm(brand, concurrency=concurrency) as config:
+            yield config
+        return
+    yield LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency,
+                    cache_dir=str(cache_dir))
+
+
+def judge_overrides(base_url: str = "", model: str = "deepseek-chat", api_key_env: str = "DEEPSEEK_API_KEY") -> list[str]:
+    """Eval overrides that point the judge at ``base_url``; none (the preset's judge) when it is empty."""
+    if not base_url:
+        return []
+    return ["eval_judge_mock=false", f"eval_judge_base_url={base_url}", f"eval_judge_model={model}",
+            f"eval_judge_api_key_env={api_key_env or 'null'}"]
+
+
+def build_data(llm_config, brand, data_dir: str | Path, content_types: list[str] | None = None) -> dict:
+    """Steps 1-4 of the data pipeline in order: generate (train and val products), clean, negatives, export.
+
+    Returns:
+        ``{"generate_train": RunSummary, "generate_val": ..., "clean": ..., "negatives": ..., "export": {name: path}}``.
+    """
+    from brandcopy.datagen import clean, export, generate, make_negatives
+    from brandcopy.llm import LLMClient
+
+    data_dir = Path(data_dir)
+    client = LLMClient(llm_config)
+    report = {f"generate_{split}": generate(client, brand, data_dir, split, content_types) for split in ("train", "val")}
+    report["clean"] = clean(client, brand, data_dir / "generated.jsonl", data_dir)
+    report["negatives"] = make_negatives(client, brand, data_dir / "cleaned.jsonl", data_dir)
+    report["export"] = export(brand, data_dir / "cleaned.jsonl", data_dir, data_dir / "negatives.jsonl")
+    return report
+
+
+# --- reading results -------------------------------------------------------------------------------
+
+
+def stage_summary(stage_folder: str | Path) -> dict:
+    """The headline results a finished stage recorded in its manifest (loss, steps, accuracy, ...)."""
+    manifest = json.loads((Path(stage_folder) / "manifest.json").read_text(encoding="utf-8"))
+    return {key: manifest[key] for key in MANIFEST_RESULTS if key in manifest}
+
+
+def eval_samples(eval_dir: str | Path, n: int = 3, setting: str = "greedy") -> list[dict]:
+    """The first ``n`` val prompts of an evaluation: golden copy and every model's copy.
+
+    Returns:
+        ``[{"id", "content_type", "product_id", "golden", "models": {model: text}}]``.
+    """
+    from brandcopy.brand import load_brand, load_golden
+
+    eval_dir = Path(eval_dir)
+    config = load_stage_config(EvalStageConfig, eval_dir / "config.yaml")
+    golden = {r["id"]: r["text"] for r in load_golden(load_brand(config.brand))}
+    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    samples = {}
+    for row in rows:
+        if row["setting"] != setting:
+            continue
+        sample = samples.setdefault(row["id"], {"id": row["id"], "content_type": row["content_type"],
+                                                "product_id": row["product_id"], "golden": golden[row["id"]], "models": {}})
+        sample["models"][row["model"]] = row["text"]
+    return list(samples.values())[:n]
+
+
+# --- the demo --------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced.
+
+    Attributes:
+        run_dir: The run directory holding every stage's folder.
+        report: ``<run>/eval/report.md``.
+        samples: A few val prompts with the golden copy and every model's greedy copy.
+        summaries: Headline results of each training stage (``stage_summary``).
+        seconds: Wall time of each step.
+    """
+
+    run_dir: Path
+    report: Path
+    samples: list[dict]
+    summaries: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (), *, base_url: str = "",
+             api_model: str = "deepseek-chat", api_key_env: str = "DEEPSEEK_API_KEY", n_samples: int = 3) -> DemoResult:
+    """The whole pipeline in one run directory: tiny model, data, SFT, reward model, GRPO, merge, evaluation.
+
+    Args:
+        preset: Preset name or path; the CPU default ``tiny-cpu`` runs in minutes on 2 cores.
+        overrides: ``key=value`` overrides for any stage (``run=demo``, ``grpo_max_steps=4``).
+        base_url: A real OpenAI-compatible endpoint for the data and the judge; empty: the scripted
+            server writes the data and the scripted heuristic judge scores.
+        api_model: Model name at ``base_url``.
+        api_key_env: NAME of the environment variable holding the endpoint's key.
+        n_samples: Val prompts returned with every model's copy.
+
+    Returns:
+        The run directory, the report's path, samples, stage results and timings.
+    """
+    from brandcopy.evaluate import run_eval
+    from brandcopy.train.grpo import run_grpo
+    from brandcopy.train.merge import run_merge
+    from brandcopy.train.reward import run_reward
+    from brandcopy.train.sft import run_sft
+
+    configs = {name: stage_config(cls, preset, overrides) for name, cls in STAGE_CONFIGS.items()}
+    configs["eval"] = stage_config(EvalStageConfig, preset, [*overrides, *judge_overrides(base_url, api_model, api_key_env)])
+    sft = configs["sft"]
+    result = DemoResult(sft.run_dir, configs["eval"].out_dir / "report.md", [])
+    steps = [
+        ("tiny-model", lambda: ensure_tiny_model(sft.model)),
+        ("data", lambda: _demo_data(sft, base_url, api_model, api_key_env)),
+        ("sft", lambda: run_sft(sft)),
+        ("reward", lambda: run_reward(configs["reward"])),
+        ("grpo", lambda: run_grpo(configs["grpo"])),
+        ("merged", lambda: run_merge(configs["merged"])),
+        ("eval", lambda: run_eval(configs["eval"])),
+    ]
+    for number, (name, step) in enumerate(steps, start=1):
+        print(f"\n=== [{number}/{len(steps)}] {name} ===", flush=True)
+        started = time.perf_counter()
+        step()
+        result.seconds[name] = round(time.perf_counter() - started, 1)
+        if name in ("sft", "reward", "grpo"):
+            result.summaries[name] = stage_summary(sft.run_dir / name)
+    result.samples = eval_samples(configs["eval"].out_dir, n_samples)
+    return result
+
+
+def _demo_data(cfg, base_url: str, api_model: str, api_key_env: str) -> dict:
+    from brandcopy.brand import load_brand
+
+    brand = load_brand(cfg.brand)
+    with llm_endpoint(brand, base_url, api_model, api_key_env, Path(cfg.output_root) / "llm-cache") as config:
+        return build_data(config, brand, cfg.data_path)

@@ -233,7 +233,8 @@ def run_judge(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
     items = judge_items(results)
     tuned = [name for name in results.models if name != "base"]
     with judge_endpoint(cfg, brand) as config:
-        results.judge = f"{config.model} at {config.base_url}" + (" (scripted heuristic judge, not an LLM)" if cfg.eval_judge_mock else "")
+        mock = " (scripted heuristic judge, not an LLM)" if cfg.eval_judge_mock else ""
+        results.judge = f"{config.model} at {config.base_url}{mock}"
         client = LLMClient(config)
         results.scores = judge_single(client, brand, items, ["golden", *results.models], cfg.out_dir / "judge")
         if "base" in results.models:
@@ -303,7 +304,8 @@ def bias_line(verdicts: list[BestOfVerdict]) -> str:
     return (
         f"Position bias: the first position won {b['first_won_original']:.0%} of rounds in the original order and "
         f"{b['first_won_swapped']:.0%} after swapping (an unbiased judge: about 33%); the two orders agreed on "
-        f"{b['agreement']:.0%} of prompts; {b['ties']} disagreements reported as ties, {b['failed']} failed, of {b['n']}."
+        f"{b['agreement']:.0%} of prompts; {b['ties']} disagreements reported as ties, "
+        f"{b['failed']} failed, of {b['n']}."
     )
 
 
@@ -346,7 +348,8 @@ def plot_judge_charts(results: EvalResults, charts_dir: Path) -> dict[str, Path]
             xs = [i + offset * width for i in range(len(DIMENSIONS))]
             ax.bar(xs, [by_dim[d] for d in DIMENSIONS], width, label=name)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(DIMENSIONS))], list(DIMENSIONS))
-        ax.set_ylim(0, 5)
+        ax.set_ylim(0, 6)  # headroom above 5 for the legend
+        ax.set_yticks(range(6))
         ax.set_ylabel("judge score (1-5)")
         ax.set_title(f"{group}: mean judge score per dimension")
         ax.legend(fontsize=8, ncols=len(means))
@@ -364,7 +367,8 @@ def failures_section(results: EvalResults) -> str:
     verdicts = [v for vs in results.verdicts.values() for v in vs]
     counts = failure_counts(results.scores, verdicts)
     reasons = [f"- single {s.key} / {s.candidate}: {s.error}" for s in results.scores if s.error]
-    reasons += [f"- best-of {v.key} / {v.model} round {i + 1}: {e}" for v in verdicts for i, e in enumerate(v.errors) if e]
+    reasons += [f"- best-of {v.key} / {v.model} round {i + 1}: {e}"
+                for v in verdicts for i, e in enumerate(v.errors) if e]
     lines = [", ".join(f"{key}: {value}" for key, value in counts.items())]
     return "\n".join(lines + reasons[:20] + ([f"- … {len(reasons) - 20} more"] if len(reasons) > 20 else []))
 

@@ -317,7 +317,9 @@ def _parsed(key: str, answers: dict, failures: dict, parse):
         return None, f"unparseable answer: {err}"
 
 
-def judge_single(client: LLMClient, brand, items: list[JudgeItem], candidates: list[str], out_dir: str | Path) -> list[SingleScore]:
+def judge_single(
+    client: LLMClient, brand, items: list[JudgeItem], candidates: list[str], out_dir: str | Path
+) -> list[SingleScore]:
     """Score every candidate's copy of every item on the five dimensions.
 
     Args:
@@ -334,7 +336,8 @@ def judge_single(client: LLMClient, brand, items: list[JudgeItem], candidates: l
     for item in items:
         for name in candidates:
             messages = single_messages(brand, item, name)
-            jobs.append((item, name, Request(_key("single", item.key, name, client.config.model, messages), messages, dict(JUDGE_PARAMS))))
+            key = _key("single", item.key, name, client.config.model, messages)
+            jobs.append((item, name, Request(key, messages, dict(JUDGE_PARAMS))))
     answers, failures = _answers(client, [job[2] for job in jobs], Path(out_dir), "single")
     results = []
     for item, name, request in jobs:
@@ -366,7 +369,8 @@ def judge_best_of(
         requests = []
         for number, shown in enumerate(layouts):
             messages = best_of_messages(brand, item, [(label, item.text(name)) for label, name in shown])
-            requests.append(Request(_key(f"best{number}", item.key, model, client.config.model, messages), messages, dict(JUDGE_PARAMS)))
+            key = _key(f"best{number}", item.key, model, client.config.model, messages)
+            requests.append(Request(key, messages, dict(JUDGE_PARAMS)))
         jobs.append((item, layouts, requests))
     answers, failures = _answers(client, [r for job in jobs for r in job[2]], Path(out_dir), "best_of")
     results = []

@@ -146,7 +146,9 @@ def _completion_example(tokenizer, messages: list[dict]) -> tuple[list[int], int
     The completion is tokenized on its own and appended to the rendered prompt, i.e. exactly the
     sequence the model produces at generation time.
     """
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt_ids = tokenizer.apply_chat_template(
+        messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     completion_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
     return list(prompt_ids) + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
 
@@ -187,7 +189,8 @@ def completion_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
         raise ValueError("no conversations to score")
     for index, messages in enumerate(conversations):
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"conversation {index}: last message must be the assistant's, got {messages[-1]['role']!r}")
+            role = messages[-1]["role"]
+            raise ValueError(f"conversation {index}: last message must be the assistant's, got {role!r}")
     model.eval()
     examples = [_completion_example(tokenizer, messages) for messages in conversations]
     total, count = 0.0, 0

@@ -353,6 +353,7 @@ def load_adapter_model(
     max_seq_length: int = 2048,
     dtype: torch.dtype | None = None,
     gradient_checkpointing: bool | None = None,
+    vllm_gpu_memory_utilization: float | None = None,
 ):
     """Load a saved LoRA adapter on top of its base model (DPO/GRPO start from the SFT adapter).
 
@@ -367,6 +368,8 @@ def load_adapter_model(
         max_seq_length: As in `load_model`.
         dtype: As in `load_model`.
         gradient_checkpointing: As in `load_model`.
+        vllm_gpu_memory_utilization: backend "unsloth" only: load with Unsloth's fast_inference (a
+            vLLM engine sharing the weights, for GRPO generation) taking this share of GPU memory.
 
     Returns:
         (PeftModel, tokenizer).
@@ -383,7 +386,8 @@ def load_adapter_model(
         raise ValueError("load_adapter_model(base_model=...) is only supported with backend='hf'.")
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(str(adapter_dir) if has_tokenizer else base)
-    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing))
+    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing),
+                           vllm_gpu_memory_utilization)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(str(adapter_dir), options, None)  # unsloth flips this tokenizer's padding side
         _set_trainable(model, trainable)
@@ -416,6 +420,7 @@ class _LoadOptions:
     max_seq_length: int
     dtype: torch.dtype
     gradient_checkpointing: bool
+    vllm_gpu_memory_utilization: float | None = None  # Unsloth fast_inference (vLLM) when set
 
 
 def _lora_settings(lora: LoraSettings | dict | None) -> LoraSettings | None:
@@ -587,6 +592,13 @@ def _lora_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
+def _fast_inference_kwargs(options: _LoadOptions) -> dict:
+    """Unsloth's vLLM engine for GRPO generation: shares the weights, takes a share of GPU memory."""
+    if options.vllm_gpu_memory_utilization is None:
+        return {}
+    return {"fast_inference": True, "gpu_memory_utilization": options.vllm_gpu_memory_utilization}
+
+
 def _load_unsloth(name_or_path: str, options: _LoadOptions, lora: LoraSettings | None):
     """FastLanguageModel.from_pretrained (+ get_peft_model); reads adapter folders itself."""
     from unsloth import FastLanguageModel
@@ -599,6 +611,7 @@ def _load_unsloth(name_or_path: str, options: _LoadOptions, lora: LoraSettings |
         dtype=options.dtype,
         load_in_4bit=options.load_in_4bit,
         use_gradient_checkpointing=checkpointing,
+        **_fast_inference_kwargs(options),
     )
     if lora is not None:
         model = FastLanguageModel.get_peft_model(

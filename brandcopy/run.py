@@ -106,10 +106,16 @@ def begin_stage(cfg) -> str | None:
     ``cfg.resume``; a finished stage run again starts over. The old manifest is removed first,
     so the folder reads as unfinished until this run completes.
 
+    Also seeds every RNG with ``cfg.seed``, so the LoRA initialisation (done before the trainer
+    seeds anything) is the same in every run.
+
     Returns:
         The last checkpoint to resume from, or None.
     """
     from accelerate import PartialState
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
 
     # With several processes (accelerate launch) the main one decides and cleans up first; the
     # others then see the cleaned folder and reach the same decision.

@@ -57,7 +57,7 @@ def run_root(tmp_path_factory, tiny_model_dir):
 
 
 def _cfg(run_root, brand_dir, tiny_model_dir, *overrides):
-    base = [f"run=t", f"output_root={run_root}", f"brand={brand_dir}", f"model={tiny_model_dir}", "backend=hf",
+    base = ["run=t", f"output_root={run_root}", f"brand={brand_dir}", f"model={tiny_model_dir}", "backend=hf",
             "load_in_4bit=false", "eval_max_new_tokens=6", "eval_batch_size=4", "eval_sampled=false",
             "eval_judge_api_key_env=null", "eval_side_by_side=2"]
     return load_stage_config(EvalStageConfig, None, base + list(overrides))

@@ -96,3 +96,20 @@ def test_accelerate_launch_two_cpu_processes(trainable_tiny_model_dir, tmp_path)
     out = tmp_path / "t" / "sft"
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["global_step"] == 3
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_packed_rows_keep_attention_within_each_example(tiny_model_dir):
+    """Padding-free packing relies on transformers building a block-diagonal mask from position_ids
+    (SDPA here, no flash-attention): logits of a packed row equal each example's own logits. The mask is
+    only built without a KV cache, which TRL's compute_loss guarantees by passing use_cache=False."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    a, b = torch.arange(5, 17), torch.arange(40, 49)
+    packed = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=a[None]).logits[0], model(input_ids=b[None]).logits[0]])
+    assert torch.allclose(together, alone, atol=1e-5)

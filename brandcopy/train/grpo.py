@@ -72,6 +72,14 @@ def grpo_config(cfg: GRPOStageConfig) -> GRPOConfig:
     )
 
 
+def fast_inference_share(cfg: GRPOStageConfig) -> float | None:
+    """With Unsloth and vLLM, the GPU share for Unsloth's fast_inference engine (weights shared with training).
+
+    Plain TRL (backend hf) starts its own colocated vLLM from ``GRPOConfig.use_vllm`` instead.
+    """
+    return cfg.grpo_vllm_gpu_memory_utilization if cfg.grpo_use_vllm and cfg.backend == "unsloth" else None
+
+
 def grpo_dataset(cfg: GRPOStageConfig, split: str):
     """The GRPO prompts with the columns the rewards read (``brand``, and ``reward_model`` if used)."""
     rows = load_split(cfg.data_path, "grpo", split)
@@ -104,7 +112,8 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
     resume_from = begin_stage(cfg)
     model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
                                           max_seq_length=cfg.max_seq_length,
-                                          gradient_checkpointing=cfg.gradient_checkpointing)
+                                          gradient_checkpointing=cfg.gradient_checkpointing,
+                                          vllm_gpu_memory_utilization=fast_inference_share(cfg))
     fix_special_tokens(model, tokenizer)
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(cfg), train_dataset=train,
                           processing_class=tokenizer,

@@ -26,7 +26,7 @@ from brandcopy.run import (
     training_args,
 )
 
-__all__ = ["SFTStageConfig", "run_sft", "sft_config"]
+__all__ = ["SFTStageConfig", "run_sft", "sft_config", "sft_trainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,12 @@ def sft_config(cfg: SFTStageConfig) -> SFTConfig:
         eval_steps=cfg.save_steps,
         dataset_num_proc=None,
     )
+
+
+def sft_trainer(cfg: SFTStageConfig, model, tokenizer, train, val=None, callbacks: list | tuple = ()) -> SFTTrainer:
+    """The SFTTrainer for a loaded model and fixed tokenizer, logging to ``<run>/sft/metrics.jsonl``."""
+    return SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
+                      processing_class=tokenizer, callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
 
 
 def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
@@ -76,9 +82,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     report = check_training_example(tokenizer, train[0])
     atomic_write_text(cfg.out_dir / "training_example.txt", str(report))  # same text from every process
     logger.info("training example, trained spans in [[ ]]:\n%s", report)
-    trainer = SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
-                         processing_class=tokenizer,
-                         callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
+    trainer = sft_trainer(cfg, model, tokenizer, train, val, callbacks)
     before = param_fingerprint(model)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = final_eval(trainer) if val is not None else {}

@@ -318,7 +318,7 @@ def demo(
     for sample in result.samples:
         typer.echo(f"\n=== {sample['id']} ({sample['content_type']})\n--- golden: {sample['golden'][:120]}")
         for name, text in sample["models"].items():
-            typer.echo(f"--- {name}: {text[:120]}")
+            typer.echo(f"--- {name}: {text[:120] or '(empty: only whitespace before the token budget ran out)'}")
     typer.echo("\n" + "\n".join(f"{stage}: {summary}" for stage, summary in result.summaries.items()))
     typer.echo("seconds: " + ", ".join(f"{step} {seconds}" for step, seconds in result.seconds.items()))
     typer.echo(f"run directory: {result.run_dir}\nreport: {result.report}")

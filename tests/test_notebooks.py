@@ -156,7 +156,7 @@ def test_notebook_uses_only_existing_library_names(path):
 
 def run_parameters(output_root: Path) -> dict:
     """The smallest tiny-cpu run: every stage a few steps, the scripted server as the API."""
-    overrides = [f"model={output_root / 'tiny-model'}", "max_seq_length=512", "save_steps=1000",
+    overrides = [f"model={output_root / 'tiny-model'}", "save_steps=1000",
                  "sft_max_steps=6", "sft_eval=false", "reward_max_steps=3", "dpo_max_steps=2",
                  "grpo_max_steps=2", "grpo_max_completion_length=16",
                  "eval_max_samples=3", "eval_batch_size=3", "eval_max_new_tokens=16", "eval_sampled=false",

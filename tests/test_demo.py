@@ -1,0 +1,54 @@
+"""The demo's wiring helpers (the whole demo runs in test_notebooks.py's notebook run and in `make demo`)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from brandcopy.cli import app
+from brandcopy.config import ConfigError, EvalStageConfig, GRPOStageConfig, SFTStageConfig
+from brandcopy.demo import ensure_tiny_model, judge_overrides, preset_path, run_overrides, stage_config
+
+
+def test_one_override_list_serves_every_stage():
+    overrides = run_overrides("x", "/tmp/runs", ["grpo_max_steps=3", "lr=1e-3", "eval_max_samples=2"])
+    sft = stage_config(SFTStageConfig, "tiny-cpu", overrides)
+    grpo = stage_config(GRPOStageConfig, "tiny-cpu", overrides)
+    assert (sft.run, sft.output_root, sft.sft_lr) == ("x", "/tmp/runs", 1e-3)
+    assert (grpo.grpo_max_steps, grpo.grpo_lr) == (3, 1e-3)
+    assert str(sft.run_dir) == "/tmp/runs/x"
+
+
+def test_unknown_or_mistyped_override_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="sft_max_step"):
+        stage_config(SFTStageConfig, "tiny-cpu", ["sft_max_step=3"])
+    with pytest.raises(ConfigError, match="grpo_max_steps"):
+        stage_config(GRPOStageConfig, "tiny-cpu", ["grpo_max_steps=many"])
+
+
+def test_preset_path_names_the_shipped_presets():
+    assert preset_path("auto").name == "tiny-cpu.yaml"  # no CUDA in the test environment
+    assert preset_path("qwen2.5-7b-24gb").is_file()
+    with pytest.raises(FileNotFoundError, match="tiny-cpu"):
+        preset_path("no-such-preset")
+
+
+def test_ensure_tiny_model_builds_once_and_only_for_a_tiny_model_folder(tmp_path):
+    assert ensure_tiny_model("Qwen/Qwen2.5-7B-Instruct") is None
+    path = ensure_tiny_model(tmp_path / "tiny-model")
+    weights = path / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert ensure_tiny_model(tmp_path / "tiny-model") == path
+    assert weights.stat().st_mtime_ns == built
+
+
+def test_judge_overrides_point_the_judge_at_an_endpoint():
+    assert judge_overrides("") == []
+    cfg = stage_config(EvalStageConfig, "tiny-cpu", judge_overrides("http://127.0.0.1:8000/v1", "served", ""))
+    assert (cfg.eval_judge_mock, cfg.eval_judge_base_url, cfg.eval_judge_model) == (False, "http://127.0.0.1:8000/v1", "served")
+    assert cfg.eval_judge_api_key_env is None
+
+
+def test_demo_command_rejects_a_bad_override_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["demo", f"output_root={tmp_path}", "sft_lr=fast"])
+    assert result.exit_code == 2
+    assert "sft_lr" in result.output
+    assert not any(tmp_path.iterdir())

@@ -52,6 +52,7 @@ class CommonConfig:
     lora_alpha: int = 128
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    lora_modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     optim: str = "adamw_8bit"
     lr_scheduler: str = "cosine"

@@ -164,6 +164,9 @@ class LoraSettings:
         dropout: Dropout on the adapter input (Unsloth's fast path wants 0).
         target_modules: Linear layers that get an adapter (all attention and MLP projections).
         seed: Seed for the adapter's initial weights.
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. ``lm_head``,
+            ``embed_tokens``): needed when the base's own output layer must change, as for the
+            random tiny model; empty for a real instruct model.
     """
 
     r: int = 16
@@ -171,6 +174,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     seed: int = 3407
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 # --- the tiny model ------------------------------------------------------------------------------
@@ -587,6 +591,7 @@ def _lora_config(lora: LoraSettings) -> LoraConfig:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -621,6 +626,7 @@ def _load_unsloth(name_or_path: str, options: _LoadOptions, lora: LoraSettings |
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             bias="none",
+            modules_to_save=lora.modules_to_save or None,
             use_gradient_checkpointing=checkpointing,
             random_state=lora.seed,
         )

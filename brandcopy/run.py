@@ -330,7 +330,8 @@ def lora_settings(cfg):
     from brandcopy.modeling import LoraSettings
 
     return LoraSettings(r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_target_modules), seed=cfg.seed)
+                        target_modules=list(cfg.lora_target_modules), seed=cfg.seed,
+                        modules_to_save=list(cfg.lora_modules_to_save))
 
 
 def param_fingerprint(model) -> dict[str, tuple[float, float]]:

@@ -30,28 +30,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 # --- training (train/*, run.py) --------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def trainable_tiny_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its output layer scaled x10, so that a LoRA-only model can become confident.
-
-    At hidden size 64 with initializer_range 0.02 every logit stays within about +-1.3: an
-    adapter cannot move the frozen lm_head, so sampled text stays near uniform and GRPO has
-    nothing to learn from. A wider logit range is still a random model.
-    """
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("trainable-tiny-model") / "model"
-    shutil.copytree(tiny_model_dir, out)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    model.save_pretrained(out)
-    return out
-
-
 def tiny_overrides(output_root: Path, model_dir: Path, run: str = "t") -> list[str]:
     """Overrides of configs/tiny-cpu.yaml that keep a training test to seconds."""
     return [f"output_root={output_root}", f"run={run}", f"model={model_dir}", "max_seq_length=256",
@@ -59,7 +37,7 @@ def tiny_overrides(output_root: Path, model_dir: Path, run: str = "t") -> list[s
 
 
 @pytest.fixture(scope="session")
-def sft_run(trainable_tiny_model_dir, tmp_path_factory):
+def sft_run(tiny_model_dir, tmp_path_factory):
     """A finished SFT stage on the tiny data (30 steps): DPO, GRPO and merge tests start from it.
 
     Returns:
@@ -71,7 +49,7 @@ def sft_run(trainable_tiny_model_dir, tmp_path_factory):
     from brandcopy.train.sft import run_sft
 
     root = tmp_path_factory.mktemp("runs")
-    overrides = tiny_overrides(root, trainable_tiny_model_dir)
+    overrides = tiny_overrides(root, tiny_model_dir)
     write_tiny_data(root / "t" / "data")
     cfg = load_stage_config(SFTStageConfig, REPO / "configs" / "tiny-cpu.yaml",
                             overrides + ["sft_max_steps=30", "sft_lr=5e-3"])

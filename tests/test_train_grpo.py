@@ -19,7 +19,7 @@ def test_grpo_raises_the_format_reward(sft_run, tmp_path):
     overrides, _ = sft_run
     write_jsonl(tmp_path / "grpo_train.jsonl", [grpo_row(p, "social_media_review") for p in products(12)])
     cfg = load_stage_config(GRPOStageConfig, PRESET, overrides + [
-        f"data_dir={tmp_path}", "grpo_max_steps=8", "grpo_lr=1e-2", "grpo_batch_size=8", "grpo_num_generations=8",
+        f"data_dir={tmp_path}", "grpo_max_steps=8", "grpo_lr=3e-3", "grpo_batch_size=8", "grpo_num_generations=8",
         "grpo_max_completion_length=48", "grpo_reward_weights={format: 1.0}"])
     out = run_grpo(cfg)
     rewards = [r["reward"] for r in read_metrics(out / "metrics.jsonl") if "reward" in r]

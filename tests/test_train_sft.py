@@ -50,12 +50,12 @@ class StopAt(TrainerCallback):
             raise KeyboardInterrupt("simulated interruption")
 
 
-def test_interrupted_and_resumed_sft_ends_at_the_same_loss(trainable_tiny_model_dir, tmp_path):
+def test_interrupted_and_resumed_sft_ends_at_the_same_loss(tiny_model_dir, tmp_path):
     write_tiny_data(tmp_path / "a" / "data")
     write_tiny_data(tmp_path / "b" / "data")
     settings = ["sft_max_steps=6", "save_steps=2", "sft_eval=false"]
-    straight = load_stage_config(SFTStageConfig, PRESET, tiny_overrides(tmp_path, trainable_tiny_model_dir, "a") + settings)
-    resumed = load_stage_config(SFTStageConfig, PRESET, tiny_overrides(tmp_path, trainable_tiny_model_dir, "b") + settings)
+    straight = load_stage_config(SFTStageConfig, PRESET, tiny_overrides(tmp_path, tiny_model_dir, "a") + settings)
+    resumed = load_stage_config(SFTStageConfig, PRESET, tiny_overrides(tmp_path, tiny_model_dir, "b") + settings)
     run_sft(straight)
     with pytest.raises(KeyboardInterrupt):
         run_sft(resumed, callbacks=[StopAt(5)])
@@ -84,10 +84,10 @@ def test_empty_split_and_bad_rows_fail_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(trainable_tiny_model_dir, tmp_path):
+def test_accelerate_launch_two_cpu_processes(tiny_model_dir, tmp_path):
     """The multi-GPU route is accelerate's: 2 CPU processes (gloo) run the same SFT command."""
     write_tiny_data(tmp_path / "t" / "data")
-    overrides = tiny_overrides(tmp_path, trainable_tiny_model_dir) + ["sft_max_steps=3", "sft_eval=false"]
+    overrides = tiny_overrides(tmp_path, tiny_model_dir) + ["sft_max_steps=3", "sft_eval=false"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                "-m", "brandcopy.cli", "train", "sft", "--config", str(PRESET), *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -34,11 +34,10 @@ from pathlib import Path
 from brandcopy import prompts
 from brandcopy.brand import load_golden, read_records
 from brandcopy.config import atomic_write_text
-from brandcopy.lint import lint_text
+from brandcopy.lint import FACT_KINDS, lint_text
 from brandcopy.llm import LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
 from brandcopy.mockserver import ScriptedServer
 
-FACT_KINDS = ("unknown_ingredient", "wrong_concentration", "unsupported_claim")
 EXAGGERATION_KINDS = ("forbidden_word", "absolute_claim", "exclamation")
 LLM_NEGATIVE_MIX = {"weak": 0.5, "exaggerated": 0.3, "fake": 0.2}
 

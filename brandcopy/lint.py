@@ -10,11 +10,12 @@ Chinese message (the messages also serve as repair hints in data generation). Ki
 - ``length``: characters (whitespace excluded) outside the content type's range.
 - ``markup``: Markdown, HTML or special tokens, 【labels】, "标题："-style labels, preambles.
 - ``unknown_ingredient``: an ingredient of the lexicon the product does not contain (not when
-  negated: 不含酒精, 无香精, 酒精、香精均未添加).
+  negated: 不含酒精, 无香精, 酒精、香精均未添加; nor inside a longer chemical name: 脂肪酸甘油酯).
 - ``wrong_concentration``: a concentration next to a product ingredient that differs from the
   catalog, or any concentration for one the catalog does not disclose.
 - ``unsupported_claim``: a claim-lexicon phrase whose canonical claim the product may not make
-  (not when negated or given as advice: 并非美白产品, 白天做好防晒), or SPF on a non-sunscreen.
+  (not when negated, given as advice or left to other products: 并非美白产品, 白天做好防晒,
+  控油这类需求交给其他步骤), or SPF on a non-sunscreen.
 - ``wrong_spf``: an SPF or PA rating that differs from the catalog.
 
 Score (defined once, here): ``score = 1 / (1 + number of violations)``; 1.0 is clean, one
@@ -54,7 +55,7 @@ _PERCENT_AFTER = re.compile(
     r"^\s*(?:\([^()%\n]{0,20}\)\s*|\)\s*)?\(?\s*的?(?:浓度|含量|添加量)?\s*(?:为|达|是|高达|约为?|达到)?\s*(\d+(?:\.\d+)?)\s*%")
 _PERCENT_BEFORE = re.compile(r"(\d+(?:\.\d+)?)\s*%\s*(?:浓度)?\s*的?\s*$")
 _ING_NEGATION = re.compile(
-    r"不含|不添加|未添加|没有添加|无添加|零添加|不使用|未使用|没有使用|剔除|去除了|摒弃|拒绝|不是|并非|而非|区别于|不同于"
+    r"不含|不添加|未添加|没有添加|无添加|零添加|不加|未加|没加|不使用|未使用|没有使用|剔除|去除了|摒弃|拒绝|不是|并非|而非|区别于|不同于"
     r"|没有|无|免|零|(?<![\d.])0(?![\d.%])"
     # advice to keep another ingredient apart is not a claim that the product contains it
     r"|避免与|避免和|不要与|不要和|不建议与|不建议和|别与|别和|勿与|不宜与|不能与|不能和|不可与|错开")
@@ -63,13 +64,22 @@ _ING_NEGATION_AFTER = re.compile(
 _PHYSIOLOGY_BEFORE = re.compile(
     r"(?:皮肤|肌肤|角质层|细胞间|真皮层?|表皮层?|屏障|体内|人体)(?:自身|本身|自带|原有)?(?:中|里|内|间)?|自身|天然存在|促进|合成")
 _PHYSIOLOGY_AFTER = re.compile(
-    r"^(?:等[^\s,。]{0,4}?)?(?:会|也|逐渐|随之|持续|随着?年龄(?:增长)?|随)*的?(?:合成|生成|流失|减少|下降|不足|缺乏|含量|分泌|降解|比例|水平)")
+    r"^(?:等[^\s,。]{0,4}?)?(?:会|也|逐渐|随之|持续|随着?年龄(?:增长)?|随)*的?(?:合成|生成|流失|减少|下降|不足|缺乏|含量|分泌|降解|比例|水平"
+    r"|骨架|结构)")  # 神经酰胺NP中的P指植物鞘氨醇骨架: a building block of a molecule, not an added ingredient
+# a name running on into a longer chemical name is another substance: 脂肪酸甘油酯, 乙基己基甘油, 聚甘油, 乳酸钠
+_COMPOUND_AFTER = re.compile(r"^[一二三四单双聚]?(?:酯|醚|酰)")
+_COMPOUND_BEFORE = re.compile(r"(?:聚|基|酰)$")
+_ACID_SALT_AFTER = re.compile(r"^(?:钠|钾|钙|镁|锌|铵|盐)")
 _ING_FILLER = re.compile(r"[\s、,和与及或/]|以及|或者|任何|额外|添加|含有|使用|的")
 _CLAIM_EXEMPT = re.compile(
     r"不能|无法|不会|并不|并非|不是|不主打|不宣称|没有|不具备|不可|不做|不承诺|不等于|不代表|避免|不要|别|过度|频繁|过量|无需|不必|不用"
-    r"|不含|不添加|做好|注意|加强|及时|搭配|配合|记得|叠加|后续|再做|另外|需要|需|建议|同时|加上|辅以")
+    r"|不负责|不针对|不承担|不含|不添加|做好|注意|加强|及时|搭配|配合|记得|叠加|后续|再做|另外|需要|需|建议|同时|加上|辅以")
 # a claim phrase naming another product or step ("涂一层保湿霜", "防晒霜") is not a claim
 _CLAIM_NOUN_AFTER = re.compile(r"^(?:霜|乳|步骤|工作|环节|措施)")
+# a need handed to another product or step: 控油、去角质这些需求交给其他步骤
+_CLAIM_DEFERRED_AFTER = re.compile(
+    r"^(?:等|这些|这类|这种|这样的|之类的?)*(?:需求|需要|功能|功效|诉求|任务|工作|问题)?(?:就|可以|可|请|不妨|则)?(?:交给|留给|交由|让给)"
+    r"(?:其他|其它|别的|另外的?|专门的?|其余的?)")
 _CLAIM_CONTRAST = re.compile(r"而是|但|却|而|还能|也能")
 _CLAIM_FILLER = re.compile(r"[\s、,和与及或/的]")
 _SPF = re.compile(r"(?<![a-z])spf\s*(\d+)\s*(\+?)")
@@ -245,6 +255,14 @@ def _physiological(norm, start, end):
     return bool(_PHYSIOLOGY_AFTER.match(norm[end:end + 12]))
 
 
+def _part_of_compound(norm, start, end):
+    """True when the mention is only part of a longer chemical name: 脂肪酸甘油酯 / 乙基己基甘油 / 乳酸钠."""
+    after = norm[end:end + 2]
+    if _COMPOUND_AFTER.match(after) or _COMPOUND_BEFORE.search(norm[max(0, start - 1):start]):
+        return True
+    return norm[end - 1] == "酸" and bool(_ACID_SALT_AFTER.match(after))
+
+
 def _stated_percent(norm, start, end):
     """The concentration written right after or right before a mention, as a float, or None."""
     after = _PERCENT_AFTER.match(norm[end:end + 40])
@@ -264,6 +282,8 @@ def _check_ingredients(text, norm, rules, brand, product):
     violations = []
     for m in rules.ingredients.finditer(norm):
         name = rules.alias_to_ingredient[m.group()]
+        if _part_of_compound(norm, m.start(), m.end()):
+            continue
         if not _product_has(brand, product, name):
             endogenous = brand.ingredient_lexicon[name].endogenous and _physiological(norm, m.start(), m.end())
             if not endogenous and not _ingredient_negated(norm, m.start(), m.end(), rules):
@@ -286,10 +306,13 @@ def _check_concentration(text, norm, match, ingredient):
 
 
 def _claim_exempt(norm, start, end, rules):
-    """True when a claim phrase is negated, advice or another product: 并非美白产品 / 白天做好防晒 / 保湿霜."""
+    """True when a claim phrase is negated, advice, another product or left to one: 并非美白产品 / 白天做好防晒 /
+    保湿霜 / 控油这类需求交给其他产品."""
     if _CLAIM_NOUN_AFTER.match(norm[end:end + 2]):
         return True
-    left, _ = _clause_bounds(norm, start, end)
+    left, right = _clause_bounds(norm, start, end)
+    if _CLAIM_DEFERRED_AFTER.match(_CLAIM_FILLER.sub("", rules.claims.sub("", norm[end:right]))):
+        return True
     prefix = norm[left:start]
     cues = list(_CLAIM_EXEMPT.finditer(prefix))
     if not cues:

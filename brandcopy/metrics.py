@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from brandcopy.lint import lint_text
+from brandcopy.lint import FACT_KINDS, lint_text
 
-FACT_KINDS = frozenset({"unknown_ingredient", "wrong_concentration", "unsupported_claim", "wrong_spf"})
 CTA_KIND = "missing_cta"
 AD_FAMILY = "paid_ad"
 

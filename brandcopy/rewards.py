@@ -10,9 +10,8 @@ import math
 from functools import lru_cache
 
 from brandcopy.brand import load_brand
-from brandcopy.lint import lint_text
+from brandcopy.lint import FACT_KINDS, lint_text
 
-FACT_KINDS = frozenset({"unknown_ingredient", "wrong_concentration", "unsupported_claim"})
 FORMAT_KINDS = frozenset({"length", "markup"})
 CTA_KIND = "missing_cta"
 

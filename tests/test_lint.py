@@ -153,6 +153,54 @@ def test_fact_check_passes(brand, snippet):
     assert kinds(brand, snippet) == set()
 
 
+# --- false positives the copywriters reported, each with the true positives it must keep -----
+
+
+@pytest.mark.parametrize("snippet", [
+    "第一类是氨基酸表面活性剂。", "原因有两个。第一，功效并不随浓度线性增长。", "这里有两处误解。第一处是机理。",
+    "记录本，第一页写着一句话。", "有人第一反应是：这是从尿里提取的吗？", "第一，浓度要合适。",
+])
+def test_ordinal_first_passes(brand, snippet):
+    assert kinds(brand, snippet, "YS-001") == set()
+
+
+@pytest.mark.parametrize("snippet", ["销量第一。", "第一品牌。", "行业第一。", "全网第一。", "全网第一，值得信赖。", "销量第一名。"])
+def test_ranking_first_is_caught(brand, snippet):
+    assert kinds(brand, snippet) == {"absolute_claim"}
+
+
+@pytest.mark.parametrize("snippet", ["乳木果油富含脂肪酸甘油酯。", "含有乙基己基甘油。", "添加聚甘油-10。", "含乳酸钠。"])
+def test_ingredient_inside_a_longer_chemical_name_passes(brand, snippet):
+    assert kinds(brand, snippet, "YS-026") == set()
+
+
+@pytest.mark.parametrize("snippet", ["加入甘油。", "甘油、脂肪酸。", "含乳酸。"])
+def test_ingredient_standing_alone_is_caught(brand, snippet):
+    assert kinds(brand, snippet, "YS-026") == {"unknown_ingredient"}
+
+
+@pytest.mark.parametrize("snippet,clean", [
+    ("不加香精。", True), ("不含有酒精。", True), ("不含有酒精和香精。", True), ("加香精。", False), ("含有酒精。", False),
+])
+def test_negation_forms(brand, snippet, clean):
+    assert kinds(brand, snippet) == (set() if clean else {"unknown_ingredient"})
+
+
+@pytest.mark.parametrize("snippet,clean", [
+    ("控油、去角质这些需求交给其他步骤。", True), ("控油的需求可以交给其他产品，它负责保湿。", True), ("它不负责控油。", True),
+    ("它并不主打控油。", True), ("控油交给它就好。", False), ("它主打控油。", False), ("这些需求交给其他产品：控油、去角质。", False),
+])
+def test_claim_left_to_other_products(brand, snippet, clean):
+    assert kinds(brand, snippet, "YS-005") == (set() if clean else {"unsupported_claim"})
+
+
+@pytest.mark.parametrize("snippet,clean", [
+    ("神经酰胺NP中的P指植物鞘氨醇骨架。", True), ("加入植物鞘氨醇。", False), ("另含0.2%植物鞘氨醇。", False),
+])
+def test_molecular_building_block_is_not_an_ingredient(brand, snippet, clean):
+    assert kinds(brand, snippet, "YS-026") == (set() if clean else {"unknown_ingredient"})
+
+
 def test_every_kind_is_declared(brand):
     text = "神器！！【标题】最好的精华，加入视黄醇，10%烟酰胺，帮助美白。"
     result = lint_text(brand, text, "paid_ad_cta", "YS-010")

@@ -23,7 +23,7 @@ from typing import ClassVar
 import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model")
+REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
 
 
 class ConfigError(ValueError):
@@ -146,11 +146,15 @@ class GRPOStageConfig(CommonConfig):
     grpo_temperature: float = 1.0
     grpo_beta: float = 0.0
     grpo_reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"lint": 1.0, "fact": 1.0, "format": 0.5, "cta": 0.5, "reward_model": 0.0}
+        default_factory=lambda: {"lint": 1.0, "fact": 1.0, "format": 0.5, "cta": 0.5, "reward_model": 0.0, "judge": 0.0}
     )
     grpo_use_vllm: bool = False
     grpo_vllm_mode: str = field(default="colocate", metadata=_choices("colocate", "server"))
     grpo_vllm_gpu_memory_utilization: float = 0.5
+    grpo_judge_mock: bool = False  # the judge reward uses the local scripted heuristic judge instead of an API
+    grpo_judge_model: str = "deepseek-chat"
+    grpo_judge_base_url: str = "https://api.deepseek.com"
+    grpo_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
 
 
 @dataclass

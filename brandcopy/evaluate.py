@@ -31,6 +31,7 @@ from brandcopy.generation import Generation, GenerationParams, timed_generate
 from brandcopy.judge import (
     DIMENSION_NAMES,
     DIMENSIONS,
+    MOCK_JUDGE_MODEL,
     BestOfVerdict,
     JudgeItem,
     SingleScore,
@@ -39,11 +40,12 @@ from brandcopy.judge import (
     failure_counts,
     heuristic_judge_responder,
     judge_best_of,
+    judge_config,
     judge_single,
     mean_scores,
     position_bias,
 )
-from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMError
+from brandcopy.llm import LLMClient, LLMConfigError, LLMError
 from brandcopy.metrics import Sample, completion_loss, offline_metrics
 from brandcopy.mockserver import ScriptedServer
 from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
@@ -220,12 +222,12 @@ def judge_items(results: EvalResults) -> list[JudgeItem]:
 def judge_endpoint(cfg: EvalStageConfig, brand):
     """Yields the judge's ``LLMConfig``: the configured API, or a local scripted heuristic judge."""
     cache = str(Path(cfg.output_root) / "llm-cache")
-    options = {"temperature": 0.0, "max_tokens": 512, "concurrency": cfg.eval_judge_concurrency, "cache_dir": cache}
     if not cfg.eval_judge_mock:
-        yield LLMConfig(cfg.eval_judge_model, cfg.eval_judge_base_url, cfg.eval_judge_api_key_env, **options)
+        yield judge_config(cfg.eval_judge_model, cfg.eval_judge_base_url, cfg.eval_judge_api_key_env,
+                           cfg.eval_judge_concurrency, cache)
         return
     with ScriptedServer(responder=heuristic_judge_responder(brand)) as server:
-        yield LLMConfig("heuristic-judge", server.url, None, **options)
+        yield judge_config(MOCK_JUDGE_MODEL, server.url, None, cfg.eval_judge_concurrency, cache)
 
 
 def run_judge(cfg: EvalStageConfig, brand, results: EvalResults) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brandcopy.lint import lint_text
-from brandcopy.llm import LLMClient, Request, read_jsonl_records, run_requests
+from brandcopy.llm import LLMClient, LLMConfig, Request, read_jsonl_records, run_requests
 from brandcopy.metrics import CTA_KIND, FACT_KINDS
 from brandcopy.prompts import product_facts
 
@@ -65,6 +65,7 @@ FAMILY_RUBRICS = {
 LABEL_POOL = "ABCDEFGHJKMNPQRSTUVWXYZ"
 FULL_WIDTH = str.maketrans({"｛": "{", "｝": "}", "：": ":", "，": ",", "“": '"', "”": '"', "＂": '"', "［": "[", "］": "]"})
 JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 512}
+MOCK_JUDGE_MODEL = "heuristic-judge"  # model name of the local scripted judge (``heuristic_judge_responder``)
 SYSTEM_PROMPT = "你是一位严格、公正的品牌文案评审专家。你只依据给定的评分标准和产品资料评审，只输出一个 JSON 对象，不输出任何其他内容。"
 
 
@@ -171,9 +172,10 @@ def _rubric(brand, content_type: str) -> str:
 def single_messages(brand, item: JudgeItem, candidate: str) -> list[dict]:
     """Messages asking for 1-5 scores of one copy; model outputs get the golden copy as reference.
 
-    The golden copy itself is scored without a reference (it would be compared with itself).
+    The golden copy itself is scored without a reference (it would be compared with itself), and
+    so is any copy of an item with an empty ``golden`` (GRPO prompts have no golden copy).
     """
-    reference = "" if candidate == "golden" else f"【参考文案（人工撰写的标准答案）】\n{item.golden}\n【参考文案结束】\n\n"
+    reference = "" if candidate == "golden" or not item.golden else f"【参考文案（人工撰写的标准答案）】\n{item.golden}\n【参考文案结束】\n\n"
     keys = ", ".join(f'"{key}": 1-5 的整数' for key in DIMENSIONS)
     user = (
         f"{_rubric(brand, item.content_type)}\n\n"
@@ -287,6 +289,20 @@ def parse_best(text: str, labels: list[str]) -> str:
 
 
 # --- running -------------------------------------------------------------------------------------
+
+
+def judge_config(model: str, base_url: str, api_key_env: str | None, concurrency: int, cache_dir: str) -> LLMConfig:
+    """The judge's client config: deterministic (temperature 0) with the judge's answer budget.
+
+    Args:
+        model: Judge model name (``MOCK_JUDGE_MODEL`` for the scripted heuristic judge).
+        base_url: OpenAI-compatible endpoint.
+        api_key_env: NAME of the key's environment variable; None for a local server.
+        concurrency: Requests in flight.
+        cache_dir: On-disk answer cache.
+    """
+    return LLMConfig(model, base_url, api_key_env, concurrency=concurrency, cache_dir=cache_dir,
+                     temperature=JUDGE_PARAMS["temperature"], max_tokens=JUDGE_PARAMS["max_tokens"])
 
 
 def _key(kind: str, item_key: str, name: str, model: str, messages: list[dict]) -> str:

@@ -3,14 +3,22 @@
 They grade with ``lint.lint_text``, the same grader evaluation uses, so training and evaluation
 score alike. TRL passes the dataset's columns as keyword arguments: every GRPO row carries
 ``product_id`` and ``content_type`` (from datagen) and ``brand`` (added by the GRPO stage);
-``reward_model`` (the reward stage's folder) is added when that reward is used.
+``reward_model`` (the reward stage's folder) and ``judge`` (the judge endpoint as JSON, see
+``judge_reward``) are added when those rewards are used.
 """
 
+import json
+import logging
 import math
 from functools import lru_cache
 
 from brandcopy.brand import load_brand
+from brandcopy.judge import MOCK_JUDGE_MODEL, JudgeItem, heuristic_judge_responder, judge_config, judge_single
 from brandcopy.lint import FACT_KINDS, lint_text
+from brandcopy.llm import LLMClient
+from brandcopy.mockserver import ScriptedServer
+
+logger = logging.getLogger(__name__)
 
 FORMAT_KINDS = frozenset({"length", "markup"})
 CTA_KIND = "missing_cta"
@@ -92,6 +100,62 @@ def reward_model_reward(prompts, completions, reward_model, **kwargs) -> list[fl
     return [1 / (1 + math.exp(-s)) for s in score_conversations(model, tokenizer, conversations)]
 
 
+JUDGE_CONCURRENCY = 8  # judge requests in flight while scoring one batch of completions
+
+
+@lru_cache(maxsize=8)
+def cached_judge(judge: str, brand: str) -> LLMClient:
+    """One judge client per endpoint (and brand) for the whole run.
+
+    A ``mock`` endpoint starts the scripted heuristic judge of ``brand``; it serves until the
+    process exits.
+    """
+    spec = json.loads(judge)
+    if spec["mock"]:
+        server = ScriptedServer(responder=heuristic_judge_responder(cached_brand(brand))).start()
+        return LLMClient(judge_config(MOCK_JUDGE_MODEL, server.url, None, JUDGE_CONCURRENCY, spec["cache_dir"]))
+    return LLMClient(judge_config(spec["model"], spec["base_url"], spec["api_key_env"], JUDGE_CONCURRENCY,
+                                  spec["cache_dir"]))
+
+
+def prompt_text(prompt) -> str:
+    """The instruction of one prompt: a string, or the last message of a conversational prompt."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def judge_reward(prompts, completions, brand, content_type, product_id, judge, log_metric=None, **kwargs) -> list[float]:
+    """The LLM judge's mean single-answer score (``judge.judge_single``, evaluation's rubric) mapped
+    from 1-5 to [0, 1].
+
+    ``judge`` is a column of JSON endpoints ``{"model", "base_url", "api_key_env", "mock",
+    "cache_dir", "out_dir"}`` (the key's variable NAME, never the key). Completions are scored
+    without a reference copy (GRPO prompts have none). A failed judgement (request or parse)
+    scores 0.0 and is counted: a warning with the count, and ``judge/failed`` through TRL's
+    ``log_metric`` when given.
+    """
+    scores = [0.0] * len(completions)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(judge, brand)):
+        groups.setdefault(key, []).append(i)
+    failed = []
+    for (endpoint, brand_name), rows in groups.items():
+        items = [JudgeItem(str(i), product_id[i], content_type[i], prompt_text(prompts[i]), "",
+                           {"policy": completion_text(completions[i])}) for i in rows]
+        results = judge_single(cached_judge(endpoint, brand_name), cached_brand(brand_name), items, ["policy"],
+                               json.loads(endpoint)["out_dir"])
+        for i, result in zip(rows, results):
+            if result.scores is None:
+                failed.append(result.error)
+            else:
+                scores[i] = (result.mean - 1) / 4
+    if failed:
+        logger.warning("judge reward: %d of %d judgements failed and scored 0.0 (first: %s)",
+                       len(failed), len(completions), failed[0])
+    if log_metric is not None:
+        log_metric("judge/failed", len(failed) / len(completions))
+    return scores
+
+
 # Config name (``grpo_reward_weights`` keys) -> reward function.
 REWARD_FUNCTIONS = {
     "lint": lint_reward,
@@ -99,4 +163,5 @@ REWARD_FUNCTIONS = {
     "format": format_reward,
     "cta": cta_reward,
     "reward_model": reward_model_reward,
+    "judge": judge_reward,
 }

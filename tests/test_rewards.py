@@ -1,14 +1,20 @@
 """GRPO rewards grade with lint's grader: clean copy scores 1.0, each kind of fault lowers its reward."""
 
+import json
+import logging
+
 import pytest
 from train_data import bad_copy, good_copy, products
 
+from brandcopy.brand import load_brand, load_golden
+from brandcopy.mockserver import ScriptedServer
 from brandcopy.rewards import (
     REWARD_FUNCTIONS,
     completion_text,
     cta_reward,
     fact_reward,
     format_reward,
+    judge_reward,
     length_score,
     lint_reward,
 )
@@ -61,3 +67,35 @@ def test_cta_is_only_required_where_the_type_requires_it():
 def test_completion_text_reads_plain_and_conversational():
     assert completion_text("文案") == "文案"
     assert completion_text([{"role": "assistant", "content": "文案"}]) == "文案"
+
+
+def _judge_column(tmp_path, mock: bool, base_url: str = "") -> str:
+    return json.dumps({"model": "mock-judge", "base_url": base_url, "api_key_env": None, "mock": mock,
+                       "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "judge")})
+
+
+def _judge_score(tmp_path, record: dict, texts: list[str], judge: str) -> list[float]:
+    n = len(texts)
+    return judge_reward(prompts=[[{"role": "user", "content": record["instruction"]}]] * n,
+                        completions=[[{"role": "assistant", "content": t}] for t in texts],
+                        brand=["yuansu"] * n, content_type=[record["content_type"]] * n,
+                        product_id=[record["product_id"]] * n, judge=[judge] * n, trainer_state=None)
+
+
+def test_judge_reward_prefers_golden_copy_over_copy_with_banned_words(tmp_path):
+    brand = load_brand("yuansu")
+    record = load_golden(brand)[0]
+    corrupted = "".join(brand.banned_words[:3]) + record["text"] + brand.banned_words[0]
+    golden, bad = _judge_score(tmp_path, record, [record["text"], corrupted], _judge_column(tmp_path, mock=True))
+    assert 0.0 <= bad < golden <= 1.0
+    assert golden > 0.5
+
+
+def test_judge_reward_counts_unparseable_answers_as_zero(tmp_path, caplog):
+    record = load_golden(load_brand("yuansu"))[0]
+    with ScriptedServer(responder=lambda body: "抱歉，我无法评分。") as server:
+        with caplog.at_level(logging.WARNING, logger="brandcopy.rewards"):
+            rewards = _judge_score(tmp_path, record, [record["text"], "另一篇"], _judge_column(tmp_path, False, server.url))
+    assert rewards == [0.0, 0.0]
+    assert "2 of 2 judgements failed" in caplog.text
+    assert "unparseable" in caplog.text

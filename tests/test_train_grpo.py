@@ -7,6 +7,7 @@ from conftest import REPO
 from train_data import grpo_row, products, write_jsonl
 
 from brandcopy.config import ConfigError, GRPOStageConfig, load_stage_config
+from brandcopy.llm import LLMConfigError
 from brandcopy.run import read_metrics
 from brandcopy.train.grpo import run_grpo
 
@@ -37,3 +38,14 @@ def test_batch_must_hold_whole_groups_and_some_reward(tmp_path):
     zero = "grpo_reward_weights={lint: 0, fact: 0, format: 0, cta: 0, reward_model: 0}"
     with pytest.raises(ConfigError, match="every weight is zero"):
         run_grpo(load_stage_config(GRPOStageConfig, PRESET, base + [zero]))
+
+
+def test_judge_reward_without_its_key_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRANDCOPY_TEST_MISSING_KEY", raising=False)
+    write_jsonl(tmp_path / "grpo_train.jsonl", [grpo_row(p, "paid_ad_cta") for p in products(2)])
+    cfg = load_stage_config(GRPOStageConfig, PRESET, [
+        f"output_root={tmp_path}", f"data_dir={tmp_path}", "grpo_reward_weights={judge: 1.0}",
+        "grpo_judge_mock=false", "grpo_judge_api_key_env=BRANDCOPY_TEST_MISSING_KEY"])
+    with pytest.raises(LLMConfigError, match="BRANDCOPY_TEST_MISSING_KEY"):
+        run_grpo(cfg)
+    assert not (tmp_path / cfg.run / "grpo").exists()  # nothing was started

@@ -7,13 +7,14 @@ leaves a reward out). With ``grpo_use_vllm`` generation runs in vLLM (colocated 
 GPU; with Unsloth's fast_inference the weights are shared).
 """
 
+import json
 from pathlib import Path
 
 from trl import GRPOConfig, GRPOTrainer
 
 from brandcopy.config import ConfigError, GRPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.rewards import REWARD_FUNCTIONS
+from brandcopy.rewards import REWARD_FUNCTIONS, cached_judge
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -81,13 +82,25 @@ def fast_inference_share(cfg: GRPOStageConfig) -> float | None:
 
 
 def grpo_dataset(cfg: GRPOStageConfig, split: str):
-    """The GRPO prompts with the columns the rewards read (``brand``, and ``reward_model`` if used)."""
+    """The GRPO prompts with the columns the rewards read (``brand``; ``reward_model`` and ``judge`` if used)."""
     rows = load_split(cfg.data_path, "grpo", split)
     rows = rows.add_column("brand", [cfg.brand] * len(rows))
     if cfg.grpo_reward_weights.get("reward_model"):
         reward_dir = require_stage(cfg.run_dir, "reward", "grpo's reward_model reward")
         rows = rows.add_column("reward_model", [str(reward_dir)] * len(rows))
+    if cfg.grpo_reward_weights.get("judge"):
+        endpoint = judge_endpoint(cfg)
+        cached_judge(endpoint, cfg.brand)  # a missing key variable fails here, before training starts
+        rows = rows.add_column("judge", [endpoint] * len(rows))
     return rows
+
+
+def judge_endpoint(cfg: GRPOStageConfig) -> str:
+    """The judge reward's endpoint as JSON (the key variable's NAME, never the key); answers are
+    cached in ``<output_root>/llm-cache`` and recorded in ``<run>/grpo/judge``."""
+    return json.dumps({"model": cfg.grpo_judge_model, "base_url": cfg.grpo_judge_base_url,
+                       "api_key_env": cfg.grpo_judge_api_key_env, "mock": cfg.grpo_judge_mock,
+                       "cache_dir": str(Path(cfg.output_root) / "llm-cache"), "out_dir": str(cfg.out_dir / "judge")})
 
 
 def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:

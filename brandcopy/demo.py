@@ -8,7 +8,7 @@ module only chooses the preset, builds the tiny model when the preset asks for i
 scripted server when no endpoint is given.
 
 The helpers here are the ones the numbered notebooks call: ``use_repo_root``, ``preset_path``,
-``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
+``explain_preset``, ``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
 ``stage_summary`` and ``eval_samples``.
 """
 

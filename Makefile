@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | sha256sum | cut -c1-12
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo gpu-check
+.PHONY: setup test demo lab gpu-check
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/brandcopy demo
+
+# JupyterLab on notebooks/ for a learner without a GPU (PRESET = "auto" is tiny-cpu there). The CPU set
+# includes JupyterLab; this registers .venv as the "brandcopy" kernel for other Jupyter front ends (VS Code).
+# LAB_ARGS, e.g. LAB_ARGS="--port 8890 --no-browser" (add --allow-root as root), is passed to jupyter lab.
+LAB_ARGS ?=
+lab: setup
+	$(PY) -m ipykernel install --user --name brandcopy --display-name "Python (brandcopy .venv)"
+	$(PY) -m jupyterlab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 # Every stage once on the GPU (small step counts) -> outputs/gpu-check/report.json. Uses the Python
 # that has the GPU set (environment.yml / requirements-gpu.txt), not the CPU .venv; prints one line

@@ -20,14 +20,17 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 
+from brandcopy.bootstrap import MIN_DRIVER as CUDA13_MIN_DRIVER
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "unsloth", "hf")
 UNSLOTH_INSTALL = "pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 (see requirements-unsloth.txt)"
 VLLM_PIN = "vllm==0.32.0"
 VLLM_INSTALL = f"pip install {VLLM_PIN} vllm-bnb-plugin==0.0.3 (see requirements-gpu.txt)"
-# The oldest NVIDIA driver branch that runs each CUDA major version torch wheels are built for.
-MIN_DRIVER = {"13": 580, "12": 525}
+# The oldest NVIDIA driver branch that runs each CUDA major version torch wheels are built for
+# (bootstrap owns the CUDA 13 one: it checks the driver before torch is even installed).
+MIN_DRIVER = {"13": CUDA13_MIN_DRIVER, "12": 525}
 
 
 class GPUSetupError(RuntimeError):

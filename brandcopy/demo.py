@@ -8,7 +8,7 @@ module only chooses the preset, builds the tiny model when the preset asks for i
 scripted server when no endpoint is given.
 
 The helpers here are the ones the numbered notebooks call: ``use_repo_root``, ``preset_path``,
-``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
+``explain_preset``, ``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
 ``stage_summary`` and ``eval_samples``.
 """
 
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from brandcopy.bootstrap import default_output_root
 from brandcopy.config import (
     DPOStageConfig,
     EvalStageConfig,
@@ -36,6 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml", "data/brands/*/*.jsonl")
 CPU_PRESET = "tiny-cpu"
 GPU_PRESET = "qwen2.5-7b-24gb"
+# `auto` by the card's memory: (at least GiB, preset), largest first; below the last, SMALL_GPU_PRESET.
+GPU_PRESETS = ((22.0, GPU_PRESET), (14.0, "qwen2.5-7b-16gb"))
+SMALL_GPU_PRESET = "qwen2.5-0.5b"
 TINY_MODEL_NAME = "tiny-model"  # a preset whose `model` is a folder of this name gets the tiny model built there
 STAGE_CONFIGS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "dpo": DPOStageConfig,
                  "grpo": GRPOStageConfig, "merged": MergeStageConfig, "eval": EvalStageConfig}
@@ -67,20 +71,57 @@ def use_repo_root() -> Path:
     return root
 
 
+def gpu_memory_gib() -> float | None:
+    """Total memory of the first CUDA card in GiB, or None without CUDA.
+
+    Raises:
+        GPUSetupError: nvidia-smi sees a GPU that torch cannot use (driver older than torch's CUDA):
+            ``auto`` must not fall back to the CPU preset silently then.
+    """
+    import torch
+
+    from brandcopy.backend import check_cuda
+
+    check_cuda(required=False)
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 1024**3
+
+
+def auto_preset(gpu_gib: float | None) -> tuple[str, str]:
+    """The preset ``auto`` picks for a card of ``gpu_gib`` (None: no CUDA), and why.
+
+    At least 22 GiB (RTX 3090/4090, A10, L4): the 24 GB preset. 14 to 22 GiB (Colab's T4, 15 GiB
+    usable): the 16 GB preset. Less: the 0.5B model. No CUDA: the tiny CPU preset.
+    """
+    if gpu_gib is None:
+        return CPU_PRESET, "no CUDA device: the tiny CPU preset"
+    for least, preset in GPU_PRESETS:
+        if gpu_gib >= least:
+            return preset, f"CUDA card with {gpu_gib:.1f} GiB (>= {least:g} GiB)"
+    return SMALL_GPU_PRESET, f"CUDA card with {gpu_gib:.1f} GiB (< {GPU_PRESETS[-1][0]:g} GiB): the 0.5B model only"
+
+
+def explain_preset(preset: str = "auto") -> str:
+    """The preset file a notebook's ``PRESET`` resolves to, and for ``auto`` why it was picked."""
+    if preset != "auto":
+        return str(preset_path(preset))
+    name, reason = auto_preset(gpu_memory_gib())
+    return f"{preset_path(name)} (auto: {reason})"
+
+
 def preset_path(preset: str = "auto") -> Path:
     """The preset file for a name, a path, or ``auto``.
 
     Args:
-        preset: ``auto`` (``qwen2.5-7b-24gb`` where CUDA is present, else ``tiny-cpu``), a preset name
-            under ``configs/`` (``tiny-cpu``) or a YAML path.
+        preset: ``auto`` (by the card's memory, see ``auto_preset``), a preset name under ``configs/``
+            (``tiny-cpu``) or a YAML path.
 
     Raises:
         FileNotFoundError: The preset does not exist; the message lists the shipped ones.
     """
     if preset == "auto":
-        import torch
-
-        preset = GPU_PRESET if torch.cuda.is_available() else CPU_PRESET
+        preset = auto_preset(gpu_memory_gib())[0]
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         path = find_repo_root() / "configs" / f"{preset}.yaml"
@@ -91,7 +132,12 @@ def preset_path(preset: str = "auto") -> Path:
 
 
 def run_overrides(run: str = "", output_root: str = "", overrides: list[str] | tuple = ()) -> list[str]:
-    """``run=`` and ``output_root=`` (when given) followed by the user's ``key=value`` overrides."""
+    """``run=`` and ``output_root=`` (when given) followed by the user's ``key=value`` overrides.
+
+    An empty ``output_root`` is the host's default (``bootstrap.default_output_root``: Google Drive on
+    Colab when mounted, the data disk on AutoDL), else the preset's.
+    """
+    output_root = output_root or default_output_root()
     return [f"run={run}"] * bool(run) + [f"output_root={output_root}"] * bool(output_root) + list(overrides)
 
 

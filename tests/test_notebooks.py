@@ -77,10 +77,12 @@ def test_cells_only_wire_library_calls(path):
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
 def test_unsloth_is_imported_first_where_models_load(path):
-    cells = code_cells(read(path))
-    imports_unsloth = ["import unsloth" in cell.source for cell in cells]
+    """Right after the bootstrap cell (which installs it on Colab), before anything imports transformers."""
+    cells = code_cells(read(path))[1:]
+    imports_unsloth = ["prepare_backend(" in cell.source or "import unsloth" in cell.source for cell in cells]
     if path.stem in LOADS_MODELS:
-        assert imports_unsloth[0] and "torch.cuda.is_available()" in cells[0].source
+        assert imports_unsloth[0] and "from brandcopy.backend import prepare_backend" in cells[0].source
+        assert "trl" not in cells[0].source and "transformers" not in cells[0].source
     assert not any(imports_unsloth[1:])
 
 

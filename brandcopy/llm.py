@@ -607,3 +607,46 @@ def _result_record(request: Request, completion: Completion, repairs: int) -> di
         "repairs": repairs,
         "cached": completion.cached,
     }
+
+
+# --- teacher cost: prompt prefixes shared between requests ------------------------------------
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The characters a server sees of a chat request, role by role (what a prefix cache matches)."""
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+def shared_prefix_share(requests: Iterable[Request]) -> float:
+    """Share of prompt characters that lie in a prefix shared with an earlier request, in send order.
+
+    A provider's prompt cache (DeepSeek, OpenAI) or vLLM's prefix cache can serve exactly these
+    characters from an earlier request, so this share bounds what caching saves. The longest
+    common prefix with any earlier prompt is the one with a lexicographic neighbour among them.
+
+    Args:
+        requests: Requests in the order they are sent.
+
+    Returns:
+        Shared characters / all prompt characters (0.0 for no requests).
+    """
+    import bisect
+
+    seen: list[str] = []
+    shared = total = 0
+    for request in requests:
+        text = prompt_text(request.messages)
+        at = bisect.bisect_left(seen, text)
+        shared += max((_common_prefix(text, seen[i]) for i in (at - 1, at) if 0 <= i < len(seen)), default=0)
+        total += len(text)
+        seen.insert(at, text)
+    return shared / total if total else 0.0
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

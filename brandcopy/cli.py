@@ -85,6 +85,7 @@ def data_generate(
     """Generate copy for every (product, content type) of a split, checked by lint and the fact check."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import generate
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
@@ -92,6 +93,7 @@ def data_generate(
                             lambda client: generate(client, loaded, data_dir, split, content_types.split(",") if content_types else None,
                                                            samples_per_pair, max_repairs=max_repairs))
     typer.echo(f"{summary}\nsamples: {data_dir / 'generated.jsonl'}\nfailures: {data_dir / 'generate' / 'failures.jsonl'}")
+    typer.echo(cost_report([summary], summary.produced))
 
 
 @data_app.command("clean")
@@ -104,12 +106,14 @@ def data_clean(
     """LLM rewrite passes: strip markup, give flat notes a persona and story, add missing CTAs."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import clean
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                            lambda client: clean(client, loaded, input or data_dir / "generated.jsonl", data_dir))
     typer.echo(f"{report}\ncleaned: {data_dir / 'cleaned.jsonl'}")
+    typer.echo(cost_report([report[name] for name in ("markup", "persona", "cta")], report["kept"]))
 
 
 @data_app.command("negatives")
@@ -124,6 +128,7 @@ def data_negatives(
     """Preference negatives: weak / exaggerated / fake through the LLM, plus offline ones."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import make_negatives
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
@@ -134,6 +139,8 @@ def data_negatives(
         report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                                lambda client: make_negatives(client, loaded, source, data_dir, weak_model=weak_model or None))
     typer.echo(f"{report}\nnegatives: {data_dir / 'negatives.jsonl'}")
+    if "llm" in report:
+        typer.echo(cost_report([report["llm"]], report["llm"].produced))
 
 
 @data_app.command("export")

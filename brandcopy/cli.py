@@ -345,6 +345,7 @@ def write_command(
     api_key_env: str = typer.Option("BRANDCOPY_SERVE_KEY", help="NAME of the variable holding the server's key ('' for none)."),
     max_new_tokens: int = typer.Option(768, help="Token budget per candidate; one that reaches it fails."),
     out: str = typer.Option("", help="Output folder; default <run>/write."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. output_root=/tmp/runs."),
 ):
     """Write copy: n candidates per request, lint + fact check each, keep the best clean one.
 
@@ -359,16 +360,18 @@ def write_command(
     from brandcopy.write import WRITE_PARAMS, read_requests, single_request, write_copy
 
     try:
-        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+        cfg = load_stage_config(EvalStageConfig, config, (overrides or []) + ([f"run={run}"] if run else []))
         brand = load_brand(cfg.brand)
         if (requests is None) == (product is None or content_type is None):
             raise ValueError("give either --product and --type, or --requests FILE")
         todo = read_requests(requests, brand) if requests else [single_request(brand, product, content_type)]
         if n < 1 or max_new_tokens < 1:
             raise ValueError("-n and --max-new-tokens must be >= 1")
+        if base_url and not api_model:
+            raise ValueError("--base-url needs --api-model: the name the server serves (transformers serve: the folder it loaded)")
         source = None if base_url else _write_source(cfg, model)
-        client = LLMClient(LLMConfig(model=api_model or model, base_url=base_url, api_key_env=api_key_env or None,
-                                     cache_dir=None, concurrency=8)) if base_url else None
+        client = LLMClient(LLMConfig(model=api_model, base_url=base_url, api_key_env=api_key_env or None,
+                                     cache_dir=None, concurrency=8, max_retries=2)) if base_url else None
         results = write_copy(brand, todo, out or cfg.run_dir / "write", n=n, model_dir=source, client=client,
                              reward_model=_write_reward_model(cfg, reward_model),
                              params=replace(WRITE_PARAMS, max_new_tokens=max_new_tokens, seed=cfg.seed),

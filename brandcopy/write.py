@@ -34,6 +34,16 @@ from brandcopy.prompts import chat_messages
 
 WRITE_PARAMS = GenerationParams("write", max_new_tokens=768, do_sample=True, temperature=0.8, top_p=0.95)
 TRUNCATED = "truncated"  # a candidate that reached max_new_tokens without stopping
+REQUEST_FAILED = "request_failed"  # the endpoint gave no text for this candidate
+
+
+@dataclass
+class Draft:
+    """One raw candidate: its text, whether it stopped on its own, or why the endpoint gave none."""
+
+    text: str
+    stopped: bool = True
+    error: str | None = None
 
 
 @dataclass
@@ -158,13 +168,16 @@ def single_request(brand, product_id: str, content_type: str) -> WriteRequest:
 # --- grading and choosing ------------------------------------------------------------------------
 
 
-def grade(brand, request: WriteRequest, text: str, stopped: bool = True) -> Candidate:
-    """Lint and fact-check one candidate; one that did not stop fails as ``truncated``."""
-    result = lint_text(brand, text, request.content_type, request.product_id)
+def grade(brand, request: WriteRequest, draft: Draft) -> Candidate:
+    """Lint and fact-check one candidate; one that did not stop fails as ``truncated``, one the
+    endpoint did not deliver as ``request_failed``."""
+    if draft.error is not None:
+        return Candidate("", [{"kind": REQUEST_FAILED, "text": "", "message": draft.error}], 0.0)
+    result = lint_text(brand, draft.text, request.content_type, request.product_id)
     violations = [{"kind": v.kind, "text": v.text, "message": v.message} for v in result.violations]
-    if not stopped:
-        violations.append({"kind": TRUNCATED, "text": text[-20:], "message": "没有写完：达到生成长度上限仍未结束"})
-    return Candidate(text, violations, 1 / (1 + len(violations)))
+    if not draft.stopped:
+        violations.append({"kind": TRUNCATED, "text": draft.text[-20:], "message": "没有写完：达到生成长度上限仍未结束"})
+    return Candidate(draft.text, violations, 1 / (1 + len(violations)))
 
 
 def choose(request: WriteRequest, candidates: list[Candidate], ranked_by: str) -> WriteResult:
@@ -199,12 +212,12 @@ def score_with_reward_model(reward_dir: str | Path, brand, request: WriteRequest
         candidate.reward = 1 / (1 + math.exp(-score))
 
 
-def finish(brand, requests: list[WriteRequest], texts: list[list[tuple[str, bool]]],
+def finish(brand, requests: list[WriteRequest], drafts: list[list[Draft]],
            reward_model: str | Path | None = None) -> list[WriteResult]:
-    """Grade every candidate ``(text, stopped)`` of every request, rank, choose."""
+    """Grade every draft of every request, rank the clean ones, choose."""
     results = []
-    for request, drafts in zip(requests, texts):
-        candidates = [grade(brand, request, text, stopped) for text, stopped in drafts]
+    for request, request_drafts in zip(requests, drafts):
+        candidates = [grade(brand, request, draft) for draft in request_drafts]
         if reward_model:
             score_with_reward_model(reward_model, brand, request, candidates)
         results.append(choose(request, candidates, "reward_model" if reward_model else "lint_score"))
@@ -233,11 +246,11 @@ def load_writer(source: str | Path, **load_options):
 
 
 def local_candidates(model, tokenizer, brand, requests: list[WriteRequest], n: int,
-                     params: GenerationParams = WRITE_PARAMS, batch_size: int = 8) -> list[list[tuple[str, bool]]]:
-    """``n`` sampled ``(text, stopped)`` per request with batched transformers generation."""
+                     params: GenerationParams = WRITE_PARAMS, batch_size: int = 8) -> list[list[Draft]]:
+    """``n`` sampled drafts per request with batched transformers generation."""
     messages = [chat_messages(brand, r.product_id, r.content_type) for r in requests for _ in range(n)]
     generations = generate_batch(model, tokenizer, messages, params, batch_size)
-    return [[(g.text, g.stopped) for g in generations[i * n:(i + 1) * n]] for i in range(len(requests))]
+    return [[Draft(g.text, g.stopped) for g in generations[i * n:(i + 1) * n]] for i in range(len(requests))]
 
 
 def vllm_available() -> bool:
@@ -248,23 +261,23 @@ def vllm_available() -> bool:
 
 
 def vllm_candidates(model_dir: str | Path, brand, requests: list[WriteRequest], n: int,
-                    params: GenerationParams = WRITE_PARAMS) -> list[list[tuple[str, bool]]]:
-    """``n`` sampled ``(text, stopped)`` per request from vLLM (a plain or merged model folder; GPU)."""
+                    params: GenerationParams = WRITE_PARAMS) -> list[list[Draft]]:
+    """``n`` sampled drafts per request from vLLM (a plain or merged model folder; GPU)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), seed=params.seed)
     sampling = SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens)
     outputs = llm.chat([chat_messages(brand, r.product_id, r.content_type) for r in requests], sampling)
-    return [[(o.text.strip(), o.finish_reason == "stop") for o in out.outputs] for out in outputs]
+    return [[Draft(o.text.strip(), o.finish_reason == "stop") for o in out.outputs] for out in outputs]
 
 
 def endpoint_candidates(client: LLMClient, brand, requests: list[WriteRequest], n: int, work_dir: str | Path,
-                        params: GenerationParams = WRITE_PARAMS) -> list[list[tuple[str, bool]]]:
-    """``n`` sampled texts per request from an OpenAI-compatible endpoint (``vllm serve``, ``transformers serve``).
+                        params: GenerationParams = WRITE_PARAMS) -> list[list[Draft]]:
+    """``n`` sampled drafts per request from an OpenAI-compatible endpoint (``vllm serve``, ``transformers serve``).
 
     Requests go through ``llm.run_requests`` (concurrent, retried, resumable in ``work_dir``).
     The client refuses answers cut off at ``max_tokens``, so a returned text always stopped; a
-    candidate whose request failed for good is left out (its reason is in ``work_dir/failures.jsonl``).
+    candidate whose request failed for good becomes a draft with its ``error`` (the client's reason).
     The client's config should have ``cache_dir=None``: identical prompts must give fresh samples.
     A rerun into the same ``work_dir`` reuses the answers already there.
     """
@@ -273,12 +286,9 @@ def endpoint_candidates(client: LLMClient, brand, requests: list[WriteRequest], 
              for r in requests for i in range(n)]
     work_dir = Path(work_dir)
     run_requests(client, calls, work_dir / "candidates.jsonl", work_dir / "failures.jsonl", desc="write")
-    by_request: dict[str, list[tuple[str, bool]]] = {r.id: [] for r in requests}
-    wanted = {call.key for call in calls}
-    for record in sorted(read_jsonl_records(work_dir / "candidates.jsonl"), key=lambda rec: rec["key"]):
-        if record["key"] in wanted:
-            by_request[record["meta"]["request"]].append((record["text"], True))
-    return [by_request[r.id] for r in requests]
+    answers = {rec["key"]: Draft(rec["text"]) for rec in read_jsonl_records(work_dir / "candidates.jsonl")}
+    failures = {rec["key"]: Draft("", False, rec["reason"]) for rec in read_jsonl_records(work_dir / "failures.jsonl")}
+    return [[answers.get(f"{r.id}#{i}") or failures[f"{r.id}#{i}"] for i in range(n)] for r in requests]
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -299,7 +309,7 @@ def render_markdown(brand, results: list[WriteResult]) -> str:
             lines += [f"通过（{clean}/{len(r.candidates)} 篇候选通过检查；按{score}选出）", "", r.text, ""]
         else:
             lines += [f"**未通过**：{len(r.candidates)} 篇候选全部未通过检查，不提供文案。原因：", ""]
-            lines += [f"- {reason}" for reason in r.reasons] or ["- 没有得到任何候选（请求失败）"]
+            lines += [f"- {reason}" for reason in r.reasons]
             lines.append("")
     return "\n".join(lines)
 
@@ -340,13 +350,13 @@ def write_copy(brand, requests: list[WriteRequest], out_dir: str | Path, *, n: i
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if client is not None:
-        texts = endpoint_candidates(client, brand, requests, n, Path(out_dir) / "endpoint", params)
+        drafts = endpoint_candidates(client, brand, requests, n, Path(out_dir) / "endpoint", params)
     elif vllm_available() and not (Path(model_dir) / "adapter_config.json").is_file():
-        texts = vllm_candidates(model_dir, brand, requests, n, params)
+        drafts = vllm_candidates(model_dir, brand, requests, n, params)
     else:
         model, tokenizer = load_writer(model_dir, **(load_options or {}))
-        texts = local_candidates(model, tokenizer, brand, requests, n, params, batch_size)
-    results = finish(brand, requests, texts, reward_model)
+        drafts = local_candidates(model, tokenizer, brand, requests, n, params, batch_size)
+    results = finish(brand, requests, drafts, reward_model)
     write_outputs(brand, results, out_dir)
     return results
 

@@ -281,13 +281,21 @@ def chat_command(
     adapter: list[str] = typer.Option(None, help="Adapter: a stage of the run (sft, dpo, grpo) or a folder; repeatable. "
                                                  "Default: every finished adapter stage of the run."),
     base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
+    base_url: str = typer.Option("", help="Chat with a served model (vllm serve / transformers serve) instead, "
+                                          "e.g. http://127.0.0.1:8000/v1."),
+    api_model: str = typer.Option("", help="Model name at --base-url (transformers serve: the folder it loaded)."),
+    api_key_env: str = typer.Option("BRANDCOPY_SERVE_KEY", help="NAME of the variable holding the server's key ('' for none)."),
 ):
     """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
     from brandcopy.brand import load_brand
-    from brandcopy.chat import chat_loop, load_chat_model, run_adapters
+    from brandcopy.chat import ServedModel, chat_loop, load_chat_model, run_adapters
     from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
     from brandcopy.run import StageInputError
 
+    if base_url:  # the served model: nothing loads here
+        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+        chat_loop(ServedModel(base_url, api_model or "merged", api_key_env or None), None, load_brand(cfg.brand))
+        return
     try:
         cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
         adapters = run_adapters(cfg.run_dir, adapter or [])

@@ -157,3 +157,31 @@ def test_write_through_transformers_serve_on_localhost(tmp_path, tiny_model_dir)
     assert all(c["violations"][0]["kind"] == write.REQUEST_FAILED for c in record["candidates"])
     assert "finish_reason=length" in record["reasons"][0]
     assert len((tmp_path / "write" / "endpoint" / "failures.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_chat_streams_from_a_served_model(brand):
+    """``brandcopy chat --base-url``: the conversation (brand system prompt first) goes to the endpoint
+    and its streamed answer is shown and kept in the history."""
+    from brandcopy.chat import ServedModel, chat_loop
+
+    bodies = []
+
+    def respond(body):
+        bodies.append(body)
+        return f"第{len(bodies)}条回复：温和清洁，不紧绷。"
+
+    lines = ["写一句洁面乳的文案", "再来一句"]
+
+    def read(prompt):
+        if not lines:
+            raise EOFError
+        return lines.pop(0)
+
+    shown = []
+    with ScriptedServer(responder=respond) as server:
+        state = chat_loop(ServedModel(server.url, "merged"), None, brand, read=read,
+                          write=shown.append, params=GenerationParams("chat", 64, True, 0.7, 0.9))
+    assert all(body["stream"] for body in bodies) and bodies[0]["messages"][0]["role"] == "system"
+    assert bodies[1]["messages"][2] == {"role": "assistant", "content": "第1条回复：温和清洁，不紧绷。"}
+    assert "第2条回复：温和清洁，不紧绷。" in "".join(shown)
+    assert [m["role"] for m in state.messages] == ["system", "user", "assistant", "user", "assistant"]

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bits
 from trl import RewardConfig, RewardTrainer
 
 from brandcopy.config import RewardStageConfig
+from brandcopy.modeling import process_device
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -131,7 +132,7 @@ def load_reward_model(reward_dir: str):
     base = json.loads((Path(reward_dir) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=compute_dtype(),
-                                                               device_map="cuda:0" if on_gpu() else None)
+                                                               device_map=process_device())
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, reward_dir).eval()
     for param in model.parameters():

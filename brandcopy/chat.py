@@ -97,23 +97,29 @@ class ServedModel:
         base_url: e.g. ``http://127.0.0.1:8000/v1``.
         model: The name the server serves (``transformers serve``: the folder it loaded).
         api_key_env: NAME of the environment variable holding the server's key; None for none.
+
+    Raises:
+        LLMConfigError: ``api_key_env`` names a variable that is not set (checked when built).
     """
 
     base_url: str
     model: str
     api_key_env: str | None = None
+    _client: object = field(init=False, repr=False)
 
-    def stream(self, messages: list[dict], params: GenerationParams) -> Iterator[str]:
-        """Yield the reply's text as the server streams it (the server applies the chat template)."""
+    def __post_init__(self):
         import openai
 
         from brandcopy.llm import LLMConfig, resolve_api_key
 
         key = resolve_api_key(LLMConfig(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env))
-        client = openai.OpenAI(base_url=self.base_url, api_key=key)
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key)
+
+    def stream(self, messages: list[dict], params: GenerationParams) -> Iterator[str]:
+        """Yield the reply's text as the server streams it (the server applies the chat template)."""
         sampling = {"temperature": params.temperature, "top_p": params.top_p} if params.do_sample else {"temperature": 0.0}
-        chunks = client.chat.completions.create(model=self.model, messages=messages, stream=True,
-                                                max_tokens=params.max_new_tokens, seed=params.seed, **sampling)
+        chunks = self._client.chat.completions.create(model=self.model, messages=messages, stream=True,
+                                                      max_tokens=params.max_new_tokens, seed=params.seed, **sampling)
         for chunk in chunks:
             for choice in chunk.choices:
                 if choice.delta.content:

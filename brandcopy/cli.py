@@ -293,8 +293,17 @@ def chat_command(
     from brandcopy.run import StageInputError
 
     if base_url:  # the served model: nothing loads here
-        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
-        chat_loop(ServedModel(base_url, api_model or "merged", api_key_env or None), None, load_brand(cfg.brand))
+        from brandcopy.llm import LLMConfigError
+
+        try:
+            if not api_model:
+                raise ValueError("--base-url needs --api-model: the name the server serves (transformers serve: the folder it loaded)")
+            cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+            served = ServedModel(base_url, api_model, api_key_env or None)
+        except (ConfigError, LLMConfigError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        chat_loop(served, None, load_brand(cfg.brand))
         return
     try:
         cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])

@@ -89,6 +89,43 @@ def _adapter_context(model, adapter: str):
     return model.disable_adapter() if adapter == BASE and isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
+@dataclass
+class ServedModel:
+    """A model behind an OpenAI-compatible endpoint (``vllm serve``, ``transformers serve``) to chat with.
+
+    Attributes:
+        base_url: e.g. ``http://127.0.0.1:8000/v1``.
+        model: The name the server serves (``transformers serve``: the folder it loaded).
+        api_key_env: NAME of the environment variable holding the server's key; None for none.
+
+    Raises:
+        LLMConfigError: ``api_key_env`` names a variable that is not set (checked when built).
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    _client: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        import openai
+
+        from brandcopy.llm import LLMConfig, resolve_api_key
+
+        key = resolve_api_key(LLMConfig(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env))
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key)
+
+    def stream(self, messages: list[dict], params: GenerationParams) -> Iterator[str]:
+        """Yield the reply's text as the server streams it (the server applies the chat template)."""
+        sampling = {"temperature": params.temperature, "top_p": params.top_p} if params.do_sample else {"temperature": 0.0}
+        chunks = self._client.chat.completions.create(model=self.model, messages=messages, stream=True,
+                                                      max_tokens=params.max_new_tokens, seed=params.seed, **sampling)
+        for chunk in chunks:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    yield choice.delta.content
+
+
 def stream_reply(
     model, tokenizer, messages: list[dict], adapter: str, params: GenerationParams = CHAT_PARAMS
 ) -> Iterator[str]:
@@ -104,6 +141,9 @@ def stream_reply(
         adapter: Active adapter name, or ``base`` to generate with adapters disabled.
         params: Decoding parameters.
     """
+    if isinstance(model, ServedModel):  # the server renders the template and generates
+        yield from model.stream(messages, params)
+        return
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

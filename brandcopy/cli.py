@@ -85,6 +85,7 @@ def data_generate(
     """Generate copy for every (product, content type) of a split, checked by lint and the fact check."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import generate
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
@@ -92,6 +93,7 @@ def data_generate(
                             lambda client: generate(client, loaded, data_dir, split, content_types.split(",") if content_types else None,
                                                            samples_per_pair, max_repairs=max_repairs))
     typer.echo(f"{summary}\nsamples: {data_dir / 'generated.jsonl'}\nfailures: {data_dir / 'generate' / 'failures.jsonl'}")
+    typer.echo(cost_report([summary], summary.produced))
 
 
 @data_app.command("clean")
@@ -104,12 +106,14 @@ def data_clean(
     """LLM rewrite passes: strip markup, give flat notes a persona and story, add missing CTAs."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import clean
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                            lambda client: clean(client, loaded, input or data_dir / "generated.jsonl", data_dir))
     typer.echo(f"{report}\ncleaned: {data_dir / 'cleaned.jsonl'}")
+    typer.echo(cost_report([report[name] for name in ("markup", "persona", "cta")], report["kept"]))
 
 
 @data_app.command("negatives")
@@ -124,6 +128,7 @@ def data_negatives(
     """Preference negatives: weak / exaggerated / fake through the LLM, plus offline ones."""
     from brandcopy.brand import load_brand
     from brandcopy.datagen import make_negatives
+    from brandcopy.llm import cost_report
 
     loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
@@ -134,6 +139,8 @@ def data_negatives(
         report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                                lambda client: make_negatives(client, loaded, source, data_dir, weak_model=weak_model or None))
     typer.echo(f"{report}\nnegatives: {data_dir / 'negatives.jsonl'}")
+    if "llm" in report:
+        typer.echo(cost_report([report["llm"]], report["llm"].produced))
 
 
 @data_app.command("export")
@@ -315,10 +322,29 @@ def chat_command(
     adapter: list[str] = typer.Option(None, help="Adapter: a stage of the run (sft, dpo, grpo) or a folder; repeatable. "
                                                  "Default: every finished adapter stage of the run."),
     base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
+    base_url: str = typer.Option("", help="Chat with a served model (vllm serve / transformers serve) instead, "
+                                          "e.g. http://127.0.0.1:8000/v1."),
+    api_model: str = typer.Option("", help="Model name at --base-url (transformers serve: the folder it loaded)."),
+    api_key_env: str = typer.Option("BRANDCOPY_SERVE_KEY", help="NAME of the variable holding the server's key ('' for none)."),
 ):
     """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
-    from brandcopy.config import ConfigError, EvalStageConfig
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
 
+    if base_url:  # the served model: nothing loads here, so no GPU check either
+        from brandcopy.brand import load_brand
+        from brandcopy.chat import ServedModel, chat_loop
+        from brandcopy.llm import LLMConfigError
+
+        try:
+            if not api_model:
+                raise ValueError("--base-url needs --api-model: the name the server serves (transformers serve: the folder it loaded)")
+            cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+            served = ServedModel(base_url, api_model, api_key_env or None)
+        except (ConfigError, LLMConfigError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        chat_loop(served, None, load_brand(cfg.brand))
+        return
     cfg = _stage_config_or_exit(EvalStageConfig, config, [f"run={run}"] if run else [])
     from brandcopy.brand import load_brand
     from brandcopy.chat import chat_loop, load_chat_model, run_adapters
@@ -332,6 +358,97 @@ def chat_command(
     model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
                                        max_seq_length=cfg.max_seq_length)
     chat_loop(model, tokenizer, load_brand(cfg.brand))
+
+
+# --- brand-gated writing (write.py) --------------------------------------------------------
+
+
+def _write_source(cfg, model: str) -> str:
+    """A stage of the run (merged, sft, dpo, grpo) or a folder; a stage must be finished."""
+    from pathlib import Path
+
+    from brandcopy.run import require_stage
+
+    if model in ("merged", "sft", "dpo", "grpo") and not Path(model).is_dir():
+        return str(require_stage(cfg.run_dir, model, "write"))
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model}: not a stage of {cfg.run_dir} (merged, sft, dpo, grpo) nor a folder")
+    return model
+
+
+def _write_reward_model(cfg, reward_model: str):
+    """The reward model ranking clean candidates: the run's finished reward stage unless told otherwise."""
+    from pathlib import Path
+
+    from brandcopy.run import is_complete
+
+    if reward_model == "none":
+        return None
+    if reward_model:
+        return reward_model
+    return cfg.run_dir / "reward" if is_complete(cfg.run_dir / "reward") else None
+
+
+@app.command("write")
+def write_command(
+    config: str = typer.Option(None, help="Flat YAML preset (run, brand, backend); e.g. configs/tiny-cpu.yaml."),
+    run: str = typer.Option(None, help="Run name (default: the preset's run)."),
+    product: str = typer.Option(None, help="Product id, e.g. YS-001 (with --type)."),
+    content_type: str = typer.Option(None, "--type", help="Content type id, e.g. paid_ad_fab (with --product)."),
+    requests: str = typer.Option(None, help="JSONL or CSV file of requests: product_id, content_type, optional id."),
+    model: str = typer.Option("merged", help="merged, sft, dpo or grpo of the run, or a model/adapter folder."),
+    n: int = typer.Option(4, "-n", help="Candidates per request."),
+    reward_model: str = typer.Option("", help="Reward model folder ranking clean candidates; default the run's "
+                                              "finished reward stage; 'none' ranks by lint score."),
+    base_url: str = typer.Option("", help="A served model (vllm serve / transformers serve) instead of --model, "
+                                          "e.g. http://127.0.0.1:8000/v1."),
+    api_model: str = typer.Option("", help="Model name at --base-url (transformers serve: the folder it loaded)."),
+    api_key_env: str = typer.Option("BRANDCOPY_SERVE_KEY", help="NAME of the variable holding the server's key ('' for none)."),
+    max_new_tokens: int = typer.Option(768, help="Token budget per candidate; one that reaches it fails."),
+    out: str = typer.Option("", help="Output folder; default <run>/write."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. output_root=/tmp/runs."),
+):
+    """Write copy: n candidates per request, lint + fact check each, keep the best clean one.
+
+    Exit status 0 when every request got a passing copy, 1 when some did not, 2 on bad input.
+    """
+    from dataclasses import replace
+
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMFatalError
+    from brandcopy.run import StageInputError
+    from brandcopy.write import WRITE_PARAMS, read_requests, single_request, write_copy
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, (overrides or []) + ([f"run={run}"] if run else []))
+        brand = load_brand(cfg.brand)
+        if (requests is None) == (product is None or content_type is None):
+            raise ValueError("give either --product and --type, or --requests FILE")
+        todo = read_requests(requests, brand) if requests else [single_request(brand, product, content_type)]
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError("-n and --max-new-tokens must be >= 1")
+        if base_url and not api_model:
+            raise ValueError("--base-url needs --api-model: the name the server serves (transformers serve: the folder it loaded)")
+        source = None if base_url else _write_source(cfg, model)
+        client = LLMClient(LLMConfig(model=api_model, base_url=base_url, api_key_env=api_key_env or None,
+                                     cache_dir=None, concurrency=8, max_retries=2)) if base_url else None
+        results = write_copy(brand, todo, out or cfg.run_dir / "write", n=n, model_dir=source, client=client,
+                             reward_model=_write_reward_model(cfg, reward_model),
+                             params=replace(WRITE_PARAMS, max_new_tokens=max_new_tokens, seed=cfg.seed),
+                             load_options={"backend": cfg.backend, "load_in_4bit": cfg.load_in_4bit,
+                                           "max_seq_length": cfg.max_seq_length})
+    except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except KeyError as err:
+        typer.echo(f"error: {err.args[0]}", err=True)
+        raise typer.Exit(2) from None
+    folder = out or cfg.run_dir / "write"
+    for result in results:
+        typer.echo(f"{result.request.id}: {result.status}" + ("" if result.text else " — " + "; ".join(result.reasons[:3])))
+    typer.echo(f"results: {folder}/results.jsonl\nreadable: {folder}/results.md")
+    raise typer.Exit(0 if all(r.status == "passed" for r in results) else 1)
 
 
 # --- demo (demo.py) -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow", "swanlab", "comet_ml", "all")  # transformers' integrations
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ class CommonConfig:
     seed: int = 3407
     data_dir: str = ""
     resume: bool = True
+    report_to: str = field(default="none", metadata=_choices(*REPORT_TO))  # transformers' report_to, passed through
 
     @property
     def run_dir(self) -> Path:

@@ -89,10 +89,14 @@ def _sample(brand, sample_id: str, product_id: str, content_type: str, text: str
 
 
 def generation_requests(brand, split: str = "train", content_types=None, samples_per_pair: int = 1, n_examples: int = 2, seed: int = 0) -> list[Request]:
-    """One request per (product of the split, content type, sample index).
+    """One request per (content type, sample index, product of the split), in that order.
 
     Few-shot examples are golden texts of the same content type from other TRAIN products (never
-    val products, whose golden copy is the evaluation reference), picked with a seeded RNG.
+    val products, whose golden copy is the evaluation reference). They come from one seeded order
+    per (content type, sample index), skipping the product's own copy, so nearly every product of
+    a content type sees the same examples; with the requests grouped by content type, consecutive
+    prompts share the system prompt, the guide and the examples (see ``prompts.generation_messages``),
+    which prompt caches bill at a fraction of the price.
     """
     golden = load_golden(brand) if (brand.path / "golden.jsonl").is_file() else []
     train = set(brand.split()["train"])
@@ -101,12 +105,11 @@ def generation_requests(brand, split: str = "train", content_types=None, samples
         if record["product_id"] in train:
             pool[record["content_type"]].append(record)
     requests = []
-    for product_id in brand.split()[split]:
-        for content_type in content_types or brand.content_types:
-            candidates = [r["text"] for r in pool[content_type] if r["product_id"] != product_id]
-            for variant in range(samples_per_pair):
-                rng = random.Random(f"{seed}:{product_id}:{content_type}:{variant}")
-                examples = rng.sample(candidates, min(n_examples, len(candidates)))
+    for content_type in content_types or brand.content_types:
+        for variant in range(samples_per_pair):
+            order = random.Random(f"{seed}:{content_type}:{variant}").sample(pool[content_type], len(pool[content_type]))
+            for product_id in brand.split()[split]:
+                examples = [r["text"] for r in order if r["product_id"] != product_id][:n_examples]
                 messages = prompts.generation_messages(brand, product_id, content_type, examples, variant)
                 meta = {"product_id": product_id, "content_type": content_type, "variant": variant}
                 requests.append(Request(f"{product_id}/{content_type}/{variant}", messages, meta=meta))
@@ -185,6 +188,19 @@ def _clean_validator(brand, pass_name: str, before: dict[str, str]):
     return validate
 
 
+def clean_requests(brand, targets: list[dict], texts: dict[str, str], pass_name: str) -> list[Request]:
+    """One rewrite request per target sample of a pass, grouped by content type.
+
+    Prompts of one content type share the guide and the pass's ask as their opening, so sending
+    them back to back lets the prompt cache reuse that prefix.
+    """
+    return [
+        Request(s["id"], prompts.clean_messages(brand, s["product_id"], s["content_type"], texts[s["id"]], pass_name),
+                meta={"product_id": s["product_id"], "content_type": s["content_type"]})
+        for s in sorted(targets, key=lambda s: s["content_type"])
+    ]
+
+
 def clean(client: LLMClient, brand, in_path: str | Path, data_dir: str | Path, passes=("markup", "persona", "cta"), max_repairs: int = 1) -> dict:
     """Step 2: LLM rewrite passes, in order, each only on the samples that need it.
 
@@ -205,11 +221,7 @@ def clean(client: LLMClient, brand, in_path: str | Path, data_dir: str | Path, p
     report = {}
     for pass_name in passes:
         targets = [s for s in samples if _needs(brand, pass_name, s, texts[s["id"]])]
-        requests = [
-            Request(s["id"], prompts.clean_messages(brand, s["product_id"], s["content_type"], texts[s["id"]], pass_name),
-                    meta={"product_id": s["product_id"], "content_type": s["content_type"]})
-            for s in targets
-        ]
+        requests = clean_requests(brand, targets, texts, pass_name)
         out = data_dir / "clean" / f"{pass_name}.jsonl"
         report[pass_name] = run_requests(client, requests, out, data_dir / "clean" / f"{pass_name}.failures.jsonl",
                                          validate=_clean_validator(brand, pass_name, texts), repair=_repair,
@@ -333,7 +345,10 @@ def _llm_family(sample_id: str, seed: int) -> str:
 
 
 def negative_requests(brand, samples: list[dict], seed: int = 0, weak_model: str | None = None) -> list[Request]:
-    """One LLM negative per sample: 50% weak, 30% exaggerated, 20% fake (seeded per sample)."""
+    """One LLM negative per sample: 50% weak, 30% exaggerated, 20% fake (seeded per sample).
+
+    Requests come grouped by family, so that prompts sharing their opening follow each other.
+    """
     requests = []
     for s in samples:
         family = _llm_family(s["id"], seed)
@@ -349,7 +364,7 @@ def negative_requests(brand, samples: list[dict], seed: int = 0, weak_model: str
             messages = prompts.fake_messages(brand, pid, ct, s["text"], foreign)
         meta = {"product_id": pid, "content_type": ct, "family": family, "chosen_id": s["id"], "chosen": s["text"]}
         requests.append(Request(f"{s['id']}/llm_{family}", messages, params, meta))
-    return requests
+    return sorted(requests, key=lambda r: (list(LLM_NEGATIVE_MIX).index(r.meta["family"]), r.meta["content_type"]))
 
 
 def _negative_validator(brand):

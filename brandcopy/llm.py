@@ -21,6 +21,7 @@ by placeholder text.
 """
 
 import asyncio
+import bisect
 import concurrent.futures
 import hashlib
 import json
@@ -82,6 +83,8 @@ class LLMConfig:
         cache_dir: Directory of the on-disk response cache; None disables it.
         price_input_per_m: Price of one million prompt tokens (DeepSeek list price in USD,
             cache miss, late 2025; set your provider's).
+        price_cached_input_per_m: Price of one million prompt tokens the provider served from its
+            prompt cache (DeepSeek's cache-hit price; OpenAI bills cached tokens at half or less).
         price_output_per_m: Price of one million completion tokens.
     """
 
@@ -98,6 +101,7 @@ class LLMConfig:
     stream: bool = False
     cache_dir: str | None = "outputs/llm-cache"
     price_input_per_m: float = 0.28
+    price_cached_input_per_m: float = 0.028
     price_output_per_m: float = 0.42
 
 
@@ -122,6 +126,7 @@ class Completion:
     completion_tokens: int = 0
     attempts: int = 1
     cached: bool = False
+    cached_prompt_tokens: int = 0  # prompt tokens the provider's prompt cache served (when it reports them)
 
 
 @dataclass
@@ -134,10 +139,13 @@ class Usage:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # part of prompt_tokens served by the provider's prompt cache
 
     def cost(self, config: LLMConfig) -> float:
-        """Returns the price of the tokens used so far."""
-        return (self.prompt_tokens * config.price_input_per_m + self.completion_tokens * config.price_output_per_m) / 1e6
+        """Returns the estimated price of the tokens used so far (cached prompt tokens at their price)."""
+        fresh = self.prompt_tokens - self.cached_prompt_tokens
+        return (fresh * config.price_input_per_m + self.cached_prompt_tokens * config.price_cached_input_per_m
+                + self.completion_tokens * config.price_output_per_m) / 1e6
 
 
 @dataclass
@@ -150,6 +158,7 @@ class RunSummary:
     seconds: float = 0.0
     usage: dict = field(default_factory=dict)
     cost: float = 0.0
+    cost_per_sample: float | None = None  # estimated cost / produced (accepted) results of this call
 
 
 def resolve_api_key(config: LLMConfig) -> str:
@@ -248,6 +257,7 @@ class LLMClient:
             self.usage.calls += 1
             self.usage.prompt_tokens += completion.prompt_tokens
             self.usage.completion_tokens += completion.completion_tokens
+            self.usage.cached_prompt_tokens += completion.cached_prompt_tokens
             return completion
         self.usage.failures += 1
         raise LLMError(f"gave up after {self.config.max_retries + 1} attempts: {last}")
@@ -300,6 +310,7 @@ class LLMClient:
             response.model or model,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
+            cached_tokens(usage),
         )
 
     async def _call_stream(self, model: str, messages: list[dict], params: dict) -> Completion:
@@ -321,6 +332,7 @@ class LLMClient:
             model,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
+            cached_tokens(usage),
         )
 
     async def _ensure_reachable(self) -> None:
@@ -376,13 +388,29 @@ def _retry_after(response: httpx2.Response) -> float | None:
         return None  # the HTTP-date form: fall back to our own backoff
 
 
-def _finish(text: str | None, finish_reason: str | None, model: str, prompt_tokens: int, completion_tokens: int) -> Completion:
+def cached_tokens(usage) -> int:
+    """Prompt tokens the provider served from its prompt cache, as reported (0 when it does not say).
+
+    OpenAI (and vLLM with ``--enable-prompt-tokens-details``) report
+    ``usage.prompt_tokens_details.cached_tokens``; DeepSeek reports ``usage.prompt_cache_hit_tokens``.
+    """
+    if usage is None:
+        return 0
+    details = usage.prompt_tokens_details
+    if details is not None and details.cached_tokens:
+        return details.cached_tokens
+    return int((usage.model_extra or {}).get("prompt_cache_hit_tokens") or 0)
+
+
+def _finish(text: str | None, finish_reason: str | None, model: str, prompt_tokens: int, completion_tokens: int,
+            cached_prompt_tokens: int = 0) -> Completion:
     """Validates an answer's content and finish reason, raising ``_Retry`` for the bad ones."""
     if finish_reason == "length":
         raise _Retry(f"finish_reason=length: answer cut off at max_tokens ({completion_tokens} tokens)")
     if text is None or not text.strip():
         raise _Retry(f"malformed response: empty content (finish_reason={finish_reason})")
-    return Completion(text, finish_reason or "stop", model, prompt_tokens, completion_tokens)
+    return Completion(text, finish_reason or "stop", model, prompt_tokens, completion_tokens,
+                      cached_prompt_tokens=cached_prompt_tokens)
 
 
 # --- resumable JSONL ---------------------------------------------------------------------------
@@ -552,6 +580,7 @@ async def arun_requests(
         summary.seconds = time.perf_counter() - start
         summary.usage = {name: value - usage_before[name] for name, value in asdict(client.usage).items()}
         summary.cost = Usage(**summary.usage).cost(client.config)
+        summary.cost_per_sample = summary.cost / summary.produced if summary.produced else None
         logger.info("%s: %s", desc, summary)
     return summary
 
@@ -606,4 +635,81 @@ def _result_record(request: Request, completion: Completion, repairs: int) -> di
         "attempts": completion.attempts,
         "repairs": repairs,
         "cached": completion.cached,
+        "cached_prompt_tokens": completion.cached_prompt_tokens,
     }
+
+
+# --- teacher cost: prompt prefixes shared between requests ------------------------------------
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The characters a server sees of a chat request, role by role (what a prefix cache matches)."""
+    return "".join(f"<{m['role']}>{m['content']}" for m in messages)
+
+
+class PrefixIndex:
+    """Prompts seen so far; tells how long a prefix a new prompt shares with any of them.
+
+    The longest common prefix with a set of strings is the one with a lexicographic neighbour,
+    so a sorted list and a binary search answer it.
+    """
+
+    def __init__(self):
+        self._seen: list[str] = []
+
+    def add(self, text: str) -> int:
+        """Remembers ``text`` and returns the length of its longest prefix shared with an earlier one."""
+        at = bisect.bisect_left(self._seen, text)
+        shared = max((_common_prefix(text, self._seen[i]) for i in (at - 1, at) if 0 <= i < len(self._seen)), default=0)
+        self._seen.insert(at, text)
+        return shared
+
+
+def shared_prefix_share(requests: Iterable[Request]) -> float:
+    """Share of prompt characters that lie in a prefix shared with an earlier request, in send order.
+
+    A provider's prompt cache (DeepSeek, OpenAI) or vLLM's prefix cache can serve exactly these
+    characters from an earlier request, so this share bounds what caching saves.
+
+    Args:
+        requests: Requests in the order they are sent.
+
+    Returns:
+        Shared characters / all prompt characters (0.0 for no requests).
+    """
+    index, shared, total = PrefixIndex(), 0, 0
+    for request in requests:
+        text = prompt_text(request.messages)
+        shared += index.add(text)
+        total += len(text)
+    return shared / total if total else 0.0
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cost_report(summaries: Iterable[RunSummary], accepted: int) -> str:
+    """One line on what a data step cost: calls, tokens (cached ones apart), estimated cost per accepted sample.
+
+    Args:
+        summaries: The step's ``run_requests`` summaries (one per pass for cleaning).
+        accepted: Samples the step kept (for cleaning: the clean samples written).
+
+    Returns:
+        E.g. ``teacher: 324 calls (0 from the local cache), 812,000 prompt tokens (612,000 cached by
+        the provider, 75%), 98,000 completion tokens; estimated $0.1192, $0.00037 per accepted sample (321)``.
+    """
+    summaries = list(summaries)
+    usage = {name: sum(s.usage.get(name, 0) for s in summaries) for name in ("calls", "cached", "prompt_tokens", "cached_prompt_tokens", "completion_tokens")}
+    cost = sum(s.cost for s in summaries)
+    share = f", {usage['cached_prompt_tokens'] / usage['prompt_tokens']:.0%}" if usage["prompt_tokens"] else ""
+    per = f"${cost / accepted:.5f} per accepted sample ({accepted})" if accepted else "no accepted sample"
+    return (f"teacher: {usage['calls']} calls ({usage['cached']} from the local cache), {usage['prompt_tokens']:,} prompt tokens "
+            f"({usage['cached_prompt_tokens']:,} cached by the provider{share}), {usage['completion_tokens']:,} completion tokens; "
+            f"estimated ${cost:.4f}, {per}")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from brandcopy.llm import PrefixIndex
+
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "malformed", "length", "empty")
 
 Responder = Callable[[dict], str]
@@ -102,6 +104,7 @@ class ScriptedServer:
         self.host, self.port = host, port
         self.stats = Counter()
         self._seen = Counter()
+        self._prompts = PrefixIndex()  # a provider's prompt cache: prefixes of earlier prompts are "cached"
         self._ids = itertools.count(1)
         self._loop = None
         self._thread = None
@@ -212,7 +215,7 @@ class ScriptedServer:
             "created": int(time.time()),
             "model": body.get("model", "mock"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-            "usage": _usage(body, text),
+            "usage": self._usage(body, text),
         }
 
     async def _stream(self, request: web.Request, body: dict, text: str, fault: str | None) -> web.StreamResponse:
@@ -229,16 +232,19 @@ class ScriptedServer:
             finish = {"index": 0, "delta": {}, "finish_reason": "length" if fault == "length" else "stop"}
             await _send_event(response, base | {"choices": [finish]})
         if body.get("stream_options", {}).get("include_usage"):
-            await _send_event(response, base | {"choices": [], "usage": _usage(body, text)})
+            await _send_event(response, base | {"choices": [], "usage": self._usage(body, text)})
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
 
-def _usage(body: dict, text: str) -> dict:
-    """Token counts approximated by characters (the mock has no tokenizer)."""
-    prompt = sum(len(message["content"]) for message in body["messages"])
-    return {"prompt_tokens": prompt, "completion_tokens": len(text), "total_tokens": prompt + len(text)}
+    def _usage(self, body: dict, text: str) -> dict:
+        """Token counts approximated by characters (the mock has no tokenizer), with OpenAI's
+        ``prompt_tokens_details.cached_tokens``: the prompt's prefix shared with an earlier prompt."""
+        prompt = sum(len(message["content"]) for message in body["messages"])
+        cached = min(prompt, self._prompts.add("".join(message["content"] for message in body["messages"])))
+        return {"prompt_tokens": prompt, "completion_tokens": len(text), "total_tokens": prompt + len(text),
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _send_event(response: web.StreamResponse, payload: dict) -> None:

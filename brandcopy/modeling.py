@@ -541,7 +541,7 @@ def _load_hf(name_or_path: str, tokenizer, options: _LoadOptions, lora: LoraSett
     trains = lora is not None or (adapter is not None and adapter[1])
     quantization = bnb_4bit_config(options.dtype) if options.load_in_4bit else None
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=options.dtype, quantization_config=quantization, device_map=_device()
+        name_or_path, dtype=options.dtype, quantization_config=quantization, device_map=process_device()
     )
     if options.load_in_4bit and trains:
         model = prepare_model_for_kbit_training(
@@ -571,8 +571,10 @@ def bnb_4bit_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     )
 
 
-def _device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+def process_device() -> str:
+    """Where this process puts its weights: its own GPU under ``accelerate launch`` (``LOCAL_RANK``;
+    every process on cuda:0 would stack all replicas on one card), cuda:0 alone, else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def _keep_cpu_4bit_trainable(model) -> None:

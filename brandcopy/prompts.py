@@ -139,6 +139,12 @@ def _guide(brand, spec):
 def generation_messages(brand, product_id, content_type, examples, variant=0):
     """Messages asking a teacher model for one piece of copy (datagen step 1).
 
+    What requests share comes first and what varies comes last, so that a provider's prompt
+    cache (DeepSeek, OpenAI) or vLLM's prefix cache can reuse the shared prefix: the system
+    prompt (every request), the content type's guide and the few-shot examples (every product of
+    that content type), then the task header, the instruction with the product facts and the
+    variant line (this request only).
+
     Args:
         brand: a loaded Brand.
         product_id: the product to write about.
@@ -151,10 +157,10 @@ def generation_messages(brand, product_id, content_type, examples, variant=0):
     """
     spec = brand.content_type(content_type)
     shots = "".join(f"【范例{i}】\n{text}\n" for i, text in enumerate(examples, start=1))
-    user = _task_header(GENERATE, product_id, content_type) + build_instruction(brand, product_id, content_type) + "\n"
-    user += _guide(brand, spec)
+    user = _guide(brand, spec)
     if shots:
         user += f"参考范例（来自其他产品：只学习结构与语气，不要照搬其中的成分、浓度和功效）：\n{shots}"
+    user += _task_header(GENERATE, product_id, content_type) + build_instruction(brand, product_id, content_type) + "\n"
     if variant:
         user += f"这是同一产品的第{variant + 1}篇，请换一个切入角度和开头。\n"
     user += "只输出文案正文。"
@@ -195,13 +201,13 @@ def clean_messages(brand, product_id, content_type, text, pass_name):
         System and user messages.
     """
     task, ask = CLEAN_PASSES[pass_name]
-    user = (
-        _task_header(task, product_id, content_type)
-        + build_instruction(brand, product_id, content_type) + "\n"
-        + _guide(brand, brand.content_type(content_type))
-        + _source_block(text)
+    user = (  # shared first (guide of the content type, the pass's ask), this sample's part last
+        _guide(brand, brand.content_type(content_type))
         + ask
-        + "\n不得加入产品信息以外的成分、浓度或功效，不得使用禁用词、绝对化用语和多个感叹号。只输出改写后的完整文案。"
+        + "\n不得加入产品信息以外的成分、浓度或功效，不得使用禁用词、绝对化用语和多个感叹号。只输出改写后的完整文案。\n"
+        + _task_header(task, product_id, content_type)
+        + build_instruction(brand, product_id, content_type) + "\n"
+        + _source_block(text)
     )
     return [{"role": "system", "content": system_prompt(brand)}, {"role": "user", "content": user}]
 
@@ -214,12 +220,12 @@ def weak_messages(brand, product_id, content_type):
 
 def exaggerated_messages(brand, product_id, content_type, text):
     """Asks to rewrite good copy into the exaggerated style the brand bans (a negative sample)."""
-    user = (
-        _task_header(EXAGGERATED, product_id, content_type)
-        + _source_block(text)
-        + "请把这篇文案改写成夸张的营销风格，用作训练模型的反例：至少加入两个这些词："
+    user = (  # the ask is the same for every sample: it comes first, the sample last
+        "请把下面的文案改写成夸张的营销风格，用作训练模型的反例：至少加入两个这些词："
         + "、".join(brand.banned_words[:12])
-        + "；加入绝对化承诺（如“最有效”“100%见效”“立刻见效”“根治”）；使用多个感叹号。只输出改写后的文案。"
+        + "；加入绝对化承诺（如“最有效”“100%见效”“立刻见效”“根治”）；使用多个感叹号。只输出改写后的文案。\n"
+        + _task_header(EXAGGERATED, product_id, content_type)
+        + _source_block(text)
     )
     return [{"role": "user", "content": user}]
 
@@ -237,11 +243,12 @@ def fake_messages(brand, product_id, content_type, text, foreign_ingredient):
     Returns:
         The user message.
     """
-    user = (
-        _task_header(FAKE, product_id, content_type)
+    user = (  # the ask is the same for every sample: it comes first, the sample and its facts last
+        "请在下面的文案中植入1–2处与产品信息不符的事实错误，用作训练模型的反例：例如改动某个成分的浓度，"
+        + "或写入产品并不含有的成分。其余部分保持不变，不要标注改动之处。只输出改写后的文案。\n"
+        + _task_header(FAKE, product_id, content_type)
         + f"产品信息：\n{product_facts(brand.product(product_id))}\n"
+        + f"可植入的成分（产品并不含有）：{foreign_ingredient}\n"
         + _source_block(text)
-        + "请在文案中植入1–2处与产品信息不符的事实错误，用作训练模型的反例：例如改动某个成分的浓度，"
-        + f"或写入产品并不含有的成分（如{foreign_ingredient}）。其余部分保持不变，不要标注改动之处。只输出改写后的文案。"
     )
     return [{"role": "user", "content": user}]

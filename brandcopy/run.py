@@ -320,7 +320,7 @@ def training_args(cfg, *, lr: float, epochs: float, max_steps: int, batch_size: 
         "use_cpu": not gpu,
         "bf16": bf16,
         "fp16": gpu and not bf16,
-        "report_to": "none",
+        "report_to": cfg.report_to,  # tensorboard: event files under <stage>/checkpoints/runs/
         "dataloader_num_workers": 0,
     }
 

@@ -12,7 +12,7 @@ from brandcopy import datagen, prompts
 from brandcopy.brand import load_brand, load_golden
 from brandcopy.cli import app
 from brandcopy.lint import lint_text
-from brandcopy.llm import LLMClient, LLMConfig, read_jsonl_records
+from brandcopy.llm import LLMClient, LLMConfig, read_jsonl_records, shared_prefix_share
 from brandcopy.mockserver import ScriptedServer
 
 
@@ -39,13 +39,13 @@ def source_of(body) -> str:
 
 def last_task(body) -> str:
     """The task of the last message: "修改" during a repair."""
-    return re.match(r"任务：(\S+)", body["messages"][-1]["content"]).group(1)
+    return re.search(r"任务：(\S+)", body["messages"][-1]["content"]).group(1)
 
 
 def first_task(body) -> str:
     """The task of the request ("" for the weak prompt, which has no task header)."""
     first = next(m["content"] for m in body["messages"] if m["role"] == "user")
-    match = re.match(r"任务：(\S+)", first)
+    match = re.search(r"任务：(\S+)", first)
     return match.group(1) if match else ""
 
 
@@ -64,11 +64,23 @@ def test_generation_prompt_has_guide_spec_facts_and_train_only_examples(brand, g
         assert brand.persona in system and "神器" in user  # the brand guide: persona, banned words
         assert prompts.build_instruction(brand, request.meta["product_id"], "paid_ad_fab") in user  # spec + facts
         assert brand.content_type("paid_ad_fab").structure[0] in user
-        shots = re.findall(r"【范例\d】\n(.*?)\n(?=【范例|只输出|这是同一)", user, re.S)
+        shots = re.findall(r"【范例\d】\n(.*?)\n(?=【范例|任务：)", user, re.S)
         assert len(shots) == 3
         for shot in shots:
             source = by_text[shot]
             assert source["content_type"] == "paid_ad_fab" and source["product_id"] in train  # never val copy
+
+
+def test_generation_requests_put_shared_content_first_and_come_grouped(brand):
+    """Teacher cost: the guide and examples every product of a content type shares come before the
+    product's own part, and requests of one content type follow each other, so a prompt cache can
+    reuse >= 75% of the prompt characters (26% when the product block came first)."""
+    requests = datagen.generation_requests(brand, "train")
+    types = [r.meta["content_type"] for r in requests]
+    assert types == sorted(types, key=list(brand.content_types).index)  # grouped, in content-type order
+    user = requests[0].messages[1]["content"]
+    assert user.index("【范例1】") < user.index("任务：") < user.index("产品信息：")
+    assert shared_prefix_share(requests) >= 0.75
 
 
 def test_generate_repairs_bad_answers_and_records_failures(tmp_path, brand, golden):

@@ -20,8 +20,12 @@ from brandcopy.llm import (
     LLMConfigError,
     LLMFatalError,
     Request,
+    cached_tokens,
+    cost_report,
+    prompt_text,
     read_jsonl_records,
     run_requests,
+    shared_prefix_share,
 )
 from brandcopy.mockserver import Faults, ScriptedServer
 
@@ -280,3 +284,52 @@ def test_transformers_serve_plain_and_streamed(tmp_path, tiny_model_dir):
     finally:
         server.kill()
         server.wait()
+
+
+# --- teacher cost (issue 17): cached prompt tokens, cost per accepted sample ------------------
+
+
+def test_provider_cached_tokens_are_recorded_and_priced_lower(tmp_path, caplog):
+    """Requests sharing a long opening: the server reports the cached part (OpenAI's
+    prompt_tokens_details.cached_tokens), the client records it per result and in the summary, and the
+    estimated cost bills it at the cached price; a prompt ordered the other way gets no cache hit."""
+    shared = "品牌规则与范例。" * 200
+    shared_first = [Request(f"a{i}", [{"role": "user", "content": shared + f"产品{i}"}]) for i in range(5)]
+    varying_first = [Request(f"b{i}", [{"role": "user", "content": f"产品{i}" + shared}]) for i in range(5)]
+    summaries = {}
+    for name, requests in (("shared_first", shared_first), ("varying_first", varying_first)):
+        with ScriptedServer(responder=lambda body: "短文案") as server:
+            summaries[name] = run_requests(LLMClient(fast_config(server, concurrency=1)), requests,
+                                           tmp_path / f"{name}.jsonl", tmp_path / f"{name}.failures.jsonl")
+    good, bad = summaries["shared_first"], summaries["varying_first"]
+    assert good.usage["prompt_tokens"] == bad.usage["prompt_tokens"]
+    assert good.usage["cached_prompt_tokens"] >= 4 * len(shared)
+    assert bad.usage["cached_prompt_tokens"] < 0.01 * bad.usage["prompt_tokens"]  # only "产品" before the digit
+    assert sum(r["cached_prompt_tokens"] for r in lines(tmp_path / "shared_first.jsonl")) == good.usage["cached_prompt_tokens"]
+    assert good.cost < 0.5 * bad.cost and good.cost_per_sample == pytest.approx(good.cost / 5)
+    report = cost_report([good], good.produced)
+    assert "5 calls" in report and f"{good.usage['cached_prompt_tokens']:,} cached by the provider" in report
+    assert f"${good.cost / 5:.5f} per accepted sample (5)" in report
+
+
+def test_cached_tokens_read_deepseek_and_openai_usage():
+    from openai.types.completion_usage import CompletionUsage
+
+    openai_style = CompletionUsage.model_validate({"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+                                                   "prompt_tokens_details": {"cached_tokens": 64}})
+    deepseek_style = CompletionUsage.model_validate({"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+                                                     "prompt_cache_hit_tokens": 80, "prompt_cache_miss_tokens": 20})
+    plain = CompletionUsage.model_validate({"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105})
+    assert [cached_tokens(u) for u in (openai_style, deepseek_style, plain, None)] == [64, 80, 0, 0]
+
+
+def test_shared_prefix_share_counts_prefixes_of_earlier_requests_only():
+    def req(text):
+        return Request(text, [{"role": "user", "content": text}])
+
+    header = len(prompt_text([{"role": "user", "content": ""}]))
+    total = 3 * (header + 6)
+    # "abcdef" shares nothing earlier; "abcxyz" shares <user>abc; "zzzzzz" shares the role marker only
+    expected = (0 + header + 3 + header) / total
+    assert shared_prefix_share([req("abcdef"), req("abcxyz"), req("zzzzzz")]) == pytest.approx(expected)
+    assert shared_prefix_share([]) == 0.0

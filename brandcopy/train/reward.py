@@ -20,7 +20,7 @@ import trl
 
 from brandcopy.backend import prepare_backend
 from brandcopy.config import RewardStageConfig
-from brandcopy.modeling import bnb_4bit_config, default_dtype
+from brandcopy.modeling import bnb_4bit_config, default_dtype, process_device
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -28,7 +28,6 @@ from brandcopy.run import (
     data_file,
     finish_stage,
     load_split,
-    on_gpu,
     param_fingerprint,
     training_args,
 )
@@ -139,7 +138,7 @@ def load_reward_model(reward_dir: str):
     quantization = bnb_4bit_config(default_dtype()) if reward_model_in_4bit(reward_dir) else None
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=default_dtype(),
                                                                quantization_config=quantization,
-                                                               device_map="cuda:0" if on_gpu() else None)
+                                                               device_map=process_device())
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, reward_dir).eval()
     for param in model.parameters():

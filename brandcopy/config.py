@@ -414,5 +414,7 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
+        if err.reason == "unexpected end of data":
+            raise NotUTF8Error(path, line, "the file ends in the middle of a character: it was cut off (truncated)") from None
         raise NotUTF8Error(path, line, f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: "
                                        "GBK or a binary file?); save it as UTF-8") from None

@@ -28,6 +28,7 @@ DATA_KINDS = {  # data file kind -> each row's fields and what they hold
     "preference": {"prompt": "messages", "chosen": "messages", "rejected": "messages"},
     "grpo": {"prompt": "messages", "product_id": "text", "content_type": "text"},
 }
+_STARTING: dict[Path, object] = {}  # stage folder -> config of a run starting afresh, until its training starts
 CHECKPOINT_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # what a resume reads besides the weights
 
 
@@ -141,6 +142,8 @@ def begin_stage(cfg) -> str | None:
     - A finished stage run again starts over, but nothing of the finished run is touched until
       the new run's training starts (``MetricsCallback.on_train_begin`` replaces it then): a
       rerun that fails while loading the model or building the trainer leaves it as it was.
+    - A new stage folder is not created here either: a run that fails before training leaves
+      nothing behind. Its ``config.yaml`` is written when training starts.
 
     Also seeds every RNG with ``cfg.seed``, so the LoRA initialisation (done before the trainer
     seeds anything) is the same in every run.
@@ -161,14 +164,12 @@ def begin_stage(cfg) -> str | None:
 
 def _prepare_stage_dir(cfg) -> str | None:
     out = cfg.out_dir
-    pending = pending_config_path(out)
-    pending.unlink(missing_ok=True)  # left by an earlier rerun that failed before training
-    if is_complete(out):
-        save_config(cfg, pending)
-        say(f"{cfg.stage}: {out} holds a finished run; it stays untouched until the new run starts training, "
-            "and is replaced then")
+    if is_complete(out) or not out.exists():
+        _STARTING[out] = cfg  # written, and a finished run replaced, by MetricsCallback.on_train_begin
+        if is_complete(out):
+            say(f"{cfg.stage}: {out} holds a finished run; it stays untouched until the new run starts training, "
+                "and is replaced then")
         return None
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = out / "checkpoints"
     resume_from = last_complete_checkpoint(checkpoints) if cfg.resume and checkpoints.is_dir() else None
     if resume_from is None:
@@ -187,27 +188,23 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def pending_config_path(stage: Path) -> Path:
-    """Where a rerun of a finished stage keeps its config until training starts: ``<run>/.<stage>.next-config.yaml``."""
-    return stage.parent / f".{stage.name}.next-config.yaml"
+def start_training(stage: Path) -> None:
+    """Training starts in ``stage``: replace the finished run kept there until now, and write ``config.yaml``.
 
-
-def replace_finished_run(stage: Path) -> None:
-    """Training of a rerun starts: retire the finished run that was kept in ``stage`` until now.
-
-    The manifest goes first, so from here on the folder reads as unfinished (and a kill resumes
-    from the new run's checkpoints); the old metrics, curve and checkpoints follow. Does nothing
-    when no finished run is waiting to be replaced.
+    The old manifest goes first, so from here on the folder reads as unfinished (and a kill
+    resumes from the new run's checkpoints); the old metrics, curve and checkpoints follow. Does
+    nothing for a resumed run (``begin_stage`` wrote its config) or a trainer outside a stage.
     """
-    pending = pending_config_path(stage)
-    if not pending.is_file():
+    cfg = _STARTING.pop(Path(stage), None)
+    if cfg is None:
         return
-    say(f"{stage.name}: training started; replacing the finished run in {stage}")
-    (stage / "manifest.json").unlink(missing_ok=True)
-    shutil.rmtree(stage / "checkpoints", ignore_errors=True)
+    if is_complete(stage):
+        say(f"{cfg.stage}: training started; replacing the finished run in {stage}")
+        (stage / "manifest.json").unlink()
+    shutil.rmtree(stage / "checkpoints", ignore_errors=True)  # the trainer makes the folder again when it saves
     for name in ("metrics.jsonl", "curve.png"):
         (stage / name).unlink(missing_ok=True)
-    pending.replace(stage / "config.yaml")
+    save_config(cfg, stage / "config.yaml")
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -283,7 +280,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         """The first moment of training: a finished run this one reruns is replaced now, not earlier."""
         if state.is_world_process_zero:
-            replace_finished_run(self.path.parent)
+            start_training(self.path.parent)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -305,7 +302,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = read_text(path).split("\n")
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")  # a torn last line may end mid-character
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

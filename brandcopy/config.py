@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import secrets
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -392,6 +393,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         f.write(text)
     os.replace(tmp, path)
     return path
+
+
+def weights_follow_umask(folder: str | Path, reference: str | Path) -> None:
+    """Give every ``*.safetensors`` file under ``folder`` the mode of ``reference`` (a file written with plain ``open``).
+
+    safetensors creates its files with mode 0600 whatever the umask, so weights saved by
+    ``save_pretrained`` could not be read by a tool run as another user (a container, a shared folder).
+    """
+    mode = stat.S_IMODE(Path(reference).stat().st_mode)
+    for path in Path(folder).rglob("*.safetensors"):
+        path.chmod(mode)
 
 
 class NotUTF8Error(ValueError):

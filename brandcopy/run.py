@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from brandcopy.config import NotUTF8Error, atomic_write_text, config_dict, read_text, save_config
+from brandcopy.config import NotUTF8Error, atomic_write_text, config_dict, read_text, save_config, weights_follow_umask
 
 PACKAGES = ("brandcopy", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "vllm")
@@ -417,7 +417,9 @@ def write_manifest(cfg, data_files: list[Path], extra: dict | None = None) -> Pa
         "config": config_dict(cfg),
         **(extra or {}),
     }
-    return atomic_write_text(cfg.out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+    path = atomic_write_text(cfg.out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+    weights_follow_umask(cfg.out_dir, path)
+    return path
 
 
 def on_gpu() -> bool:

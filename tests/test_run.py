@@ -138,3 +138,10 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_saved_weights_follow_the_umask_not_safetensors_0600(tiny_model_dir, sft_run):
+    _, stage = sft_run
+    for folder, reference in ((tiny_model_dir, "config.json"), (stage, "manifest.json")):
+        expected = stat.S_IMODE((folder / reference).stat().st_mode)
+        assert {stat.S_IMODE(p.stat().st_mode) for p in folder.glob("*.safetensors")} == {expected}

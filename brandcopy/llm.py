@@ -600,7 +600,8 @@ async def arun_requests(
     summary = RunSummary(skipped=sum(request.key in done for request in requests))
     start, usage_before = time.perf_counter(), asdict(client.usage)
     out, failures = JsonlAppender(out_path), JsonlAppender(failures_path)
-    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req")
+    # delay: no bar for a run that stops at once (a refused connection, a rejected key): the error is the one line.
+    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req", delay=0.5)
     try:
         async with client:
             workers = [

@@ -6,7 +6,13 @@ traceback) and that no file under the folder was created, changed or removed.
 """
 
 import json
+import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +145,35 @@ def test_a_utf8_bom_is_read_not_rejected(tmp_path):
     result = CliRunner().invoke(app, ["lint", str(path), "--json"])
     assert result.exit_code in (0, 1), result.output
     assert json.loads(result.stdout)["id"] == "a"
+
+
+def test_an_endpoint_nothing_listens_on_is_one_line_within_seconds(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # closed again: nothing listens there
+    import brandcopy.datagen  # noqa: F401 - imported first, so that only the command is timed
+
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, data_command(tmp_path, "generate", "--base-url", url, "--api-key-env", "", "--model", "m"))
+    assert result.exit_code == 2 and time.perf_counter() - start < 10
+    assert result.stderr.strip().splitlines() == [f"error: cannot reach {url}: connection refused: nothing listens there (is the server running?)"]
+    assert not (tmp_path / "outputs" / "t" / "data" / "generated.jsonl").exists()
+
+
+def test_a_config_error_exits_before_trl_is_imported():
+    code = ("import sys; from typer.testing import CliRunner; from brandcopy.cli import app; "
+            f"result = CliRunner().invoke(app, ['train', 'sft', '--config', {PRESET!r}, 'sft_lrr=1']); "
+            "print(result.exit_code, 'trl' in sys.modules, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr[-2000:]
+
+
+def test_the_optional_cpu_kernel_warning_is_dropped_at_its_source(caplog):
+    import brandcopy  # noqa: F401 - installs the filter
+
+    source = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        source.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "offline")
+        source.warning("some other bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["some other bitsandbytes warning"]

@@ -105,14 +105,15 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] | dict[str, str] = ()
         missing = [name for name in required if name not in row]
         if missing:
             raise DataFileError(f"{path}:{number}: missing field '{missing[0]}'")
+        rows.append((number, row))
+    for number, row in rows:  # the values once every line has its fields: a wrong schema is named first
         for name, kind in (required.items() if isinstance(required, dict) else ()):
             problem = _field_problem(row[name], kind)
             if problem:
                 raise DataFileError(f"{path}:{number}: field '{name}': {problem}")
-        rows.append(row)
     if not rows:
         raise StageInputError(f"{path}: no rows for this split")
-    return rows
+    return [row for _, row in rows]
 
 
 def _field_problem(value, kind: str) -> str | None:

@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | sha256sum | cut -c1-12
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo
+.PHONY: setup test demo gpu-check
 
 setup: $(STAMP)
 
@@ -38,3 +38,11 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/brandcopy demo
+
+# Every stage once on the GPU (small step counts) -> outputs/gpu-check/report.json. Uses the Python
+# that has the GPU set (environment.yml / requirements-gpu.txt), not the CPU .venv; prints one line
+# and does nothing on a machine without CUDA. GPU_CHECK_ARGS="--shape 7b" checks the 7B shape.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) -m brandcopy.cli gpu-check $(GPU_CHECK_ARGS)

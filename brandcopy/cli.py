@@ -202,22 +202,37 @@ def data_serve_mock(
 
 # --- training, merge, doctor (train/*, doctor.py) -----------------------------------------
 
+
+def _stage_config_or_exit(config_cls, config: str | None, overrides: list[str] | None):
+    """The stage config, with the GPU checked and the backend imported (unsloth first); one line and exit 2 on error."""
+    from brandcopy.backend import GPUSetupError, prepare_backend
+    from brandcopy.config import ConfigError, load_stage_config
+
+    try:
+        cfg = load_stage_config(config_cls, config, overrides or [])
+        prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)
+    except (ConfigError, GPUSetupError, ImportError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return cfg
+
 _CONFIG = typer.Option(..., "--config", "-c", help="Flat YAML preset, e.g. configs/tiny-cpu.yaml.")
 _OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (lr=1e-4).")
 
 
 def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None):
-    """Load the stage config, run the stage, print its folder.
+    """Load the stage config (errors exit 2 before any model loads), run the stage, print its folder.
 
-    The preset is checked before trl is imported (seconds), and every input error exits 2 with one
-    line before any model loads: preset, data files (file:line: field), starting stage, model folder.
+    The backend is prepared before the stage's module (and with it trl) is imported, so that on the
+    unsloth backend Unsloth's patched trainers are the ones the stage gets; the preset is checked
+    before either. Every input error exits 2 with one line before any model loads: preset, data
+    files (file:line: field), starting stage, model folder.
     """
     import importlib
 
     from brandcopy import config as config_module
 
-    with _bad_input(config_module.ConfigError):
-        cfg = config_module.load_stage_config(getattr(config_module, config_cls), config, overrides or [])
+    cfg = _stage_config_or_exit(getattr(config_module, config_cls), config, overrides)
     stage = importlib.import_module(f"brandcopy.train.{module}")
     from brandcopy.modeling import TrainingExampleError
     from brandcopy.run import DataFileError, StageInputError
@@ -262,7 +277,7 @@ def doctor_command(
     preset: str = typer.Option(None, help="Preset to plan VRAM for, e.g. configs/qwen2.5-7b-24gb.yaml."),
     gpu_gb: float = typer.Option(None, help="Card memory in GiB (default: the detected GPU, else 24)."),
 ):
-    """Environment report and, with --preset, a VRAM plan that warns when a stage will not fit."""
+    """Environment report and, with --preset, a VRAM plan. Exit 1 when a stage will not fit or cannot run here."""
     from brandcopy.config import ConfigError
     from brandcopy.doctor import doctor, format_report
 
@@ -272,8 +287,28 @@ def doctor_command(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     typer.echo(format_report(report))
-    raise typer.Exit(1 if report.plan is not None and report.plan.warnings else 0)
+    raise typer.Exit(1 if report.problems or (report.plan is not None and report.plan.warnings) else 0)
 
+
+@app.command("gpu-check")
+def gpu_check_command(
+    preset: str = typer.Option("configs/qwen2.5-7b-24gb.yaml", help="GPU preset whose settings are checked."),
+    shape: str = typer.Option("0.5b", help="Random model's architecture when the preset's model is not on disk: 0.5b or 7b."),
+    output_root: str = typer.Option("outputs", help="The check writes <output-root>/gpu-check/."),
+    random_model: bool = typer.Option(False, help="Use the random model even when the preset's model is cached."),
+):
+    """Every stage once on the GPU with small step counts: status, seconds, peak memory, tokens/s -> report.json."""
+    from brandcopy.backend import GPUSetupError
+    from brandcopy.gpucheck import SHAPES, run_gpu_check
+
+    if shape not in SHAPES:
+        typer.echo(f"error: --shape {shape!r} is not one of {', '.join(SHAPES)}", err=True)
+        raise typer.Exit(2)
+    try:
+        run_gpu_check(preset, shape, output_root, use_preset_model=not random_model)
+    except (GPUSetupError, ImportError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 # --- evaluation and chat (evaluate.py, chat.py) -------------------------------------------
@@ -285,10 +320,9 @@ def eval_command(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. eval_max_samples=20 judge=false."),
 ):
     """Evaluate base / sft / dpo / grpo / merged on the val split: metrics, judge, report.md."""
-    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.config import ConfigError, EvalStageConfig
 
-    with _bad_input(ConfigError):
-        cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+    cfg = _stage_config_or_exit(EvalStageConfig, config, overrides)
     from brandcopy.brand import BrandDataError
     from brandcopy.evaluate import run_eval
     from brandcopy.run import StageInputError
@@ -308,13 +342,14 @@ def chat_command(
     base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
 ):
     """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
+    from brandcopy.config import ConfigError, EvalStageConfig
+
+    cfg = _stage_config_or_exit(EvalStageConfig, config, [f"run={run}"] if run else [])
     from brandcopy.brand import load_brand
     from brandcopy.chat import chat_loop, load_chat_model, run_adapters
-    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
     from brandcopy.run import StageInputError
 
     try:
-        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
         adapters = run_adapters(cfg.run_dir, adapter or [])
     except (ConfigError, StageInputError) as err:
         typer.echo(f"error: {err}", err=True)
@@ -338,7 +373,16 @@ def demo(
                                     help="NAME of the environment variable holding the endpoint's key."),
 ):
     """The whole pipeline on the CPU default: tiny model, data, SFT, reward model, GRPO, merge, judged evaluation."""
-    from brandcopy.config import ConfigError
+    from brandcopy.backend import GPUSetupError, prepare_backend
+    from brandcopy.config import ConfigError, SFTStageConfig
+    from brandcopy.demo import stage_config
+
+    try:  # the GPU checked and unsloth imported (on its backend) before anything imports trl
+        cfg = stage_config(SFTStageConfig, config, overrides or [])
+        prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)
+    except (ConfigError, GPUSetupError, ImportError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     from brandcopy.demo import run_demo
     from brandcopy.run import StageInputError
 

@@ -47,6 +47,7 @@ class CommonConfig:
     brand: str = "yuansu"
     model: str = "Qwen/Qwen2.5-7B-Instruct"
     backend: str = field(default="auto", metadata=_choices("auto", "unsloth", "hf"))
+    require_cuda: bool = False  # a GPU preset: refuse to start without a usable CUDA device
     load_in_4bit: bool = True
     max_seq_length: int = 2048
     lora_rank: int = 64

@@ -82,15 +82,17 @@ class VRAMPlan:
     grpo_generation_gib: float
     grpo_vllm_reserve_gib: float
     stage_peak_gib: dict[str, float]
+    residents_gib: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {what: GiB}
     warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DoctorReport:
-    """The environment and, when a preset was given, its VRAM plan."""
+    """The environment, what stops a preset from running here, and (with a preset) its VRAM plan."""
 
     env: EnvReport
     plan: VRAMPlan | None
+    problems: list[str] = field(default_factory=list)
 
 
 def _version(name: str) -> str | None:
@@ -197,8 +199,22 @@ def _stage_tokens(sft, reward, dpo, grpo) -> dict[str, int]:
     }
 
 
+def reward_model_weight_bytes(s: ModelShape, load_in_4bit: bool) -> float:
+    """A sequence classifier on the base: the decoder without lm_head, plus a 1-row score head."""
+    linear, _ = param_counts(s)
+    other = s.vocab * s.hidden + (2 * s.layers + 1) * s.hidden + s.hidden
+    return (NF4_BYTES if load_in_4bit else 2) * linear + 2 * other
+
+
 def vram_plan(preset: str | Path, gpu_gib: float, optimizer_bytes: float | None = None) -> VRAMPlan:
     """Estimate each stage's peak GPU memory for a preset on a card of ``gpu_gib``.
+
+    Every model resident in a stage is counted (``VRAMPlan.residents_gib``): the policy, the
+    reference (DPO: a frozen copy of the adapter; GRPO with ``grpo_beta`` > 0: the shared base
+    with the adapter switched off, no extra weights), the reward model GRPO scores with (4-bit
+    when the preset trains in 4 bits, as ``load_reward_model`` loads it), and vLLM's share
+    (with Unsloth's fast_inference it holds the policy's weights; TRL's own colocated vLLM on the
+    hf backend loads a second, 16-bit copy).
 
     Args:
         preset: A preset YAML file.
@@ -234,11 +250,18 @@ def vram_plan(preset: str | Path, gpu_gib: float, optimizer_bytes: float | None 
     generated = grpo.grpo_batch_size * grpo.grpo_grad_accum * grpo.max_seq_length
     generation = kv_cache_bytes(s, generated)
     vllm_reserve = grpo.grpo_vllm_gpu_memory_utilization * gpu_gib * GIB if grpo.grpo_use_vllm else 0.0
-    base = weights + lora_state + OVERHEAD_GIB * GIB
-    peaks = {k: base + act[k] for k in ("sft", "reward", "dpo")}
-    # With vLLM colocated, vLLM's share holds the weights (shared with training) and the KV cache.
-    peaks["grpo"] = (vllm_reserve + lora_state + OVERHEAD_GIB * GIB + act["grpo"] if grpo.grpo_use_vllm
-                     else base + act["grpo"] + generation)
+    overhead = OVERHEAD_GIB * GIB
+    residents = {
+        "sft": {"policy weights": weights, "LoRA + grads + optimizer": lora_state,
+                "activations": act["sft"], "CUDA overhead": overhead},
+        "reward": {"reward model weights": reward_model_weight_bytes(s, reward.load_in_4bit),
+                   "LoRA + grads + optimizer": lora_state, "activations": act["reward"], "CUDA overhead": overhead},
+        "dpo": {"policy weights": weights, "LoRA + grads + optimizer": lora_state,
+                "reference (frozen adapter copy, shared base)": 4 * n_lora, "activations": act["dpo"],
+                "CUDA overhead": overhead},
+        "grpo": _grpo_residents(grpo, s, weights, lora_state, act["grpo"], generation, vllm_reserve, overhead),
+    }
+    peaks = {stage: sum(parts.values()) for stage, parts in residents.items()}
     plan = VRAMPlan(
         model=sft.model, gpu_gib=gpu_gib, params_b=round((linear + other) / 1e9, 2),
         weights_16bit_gib=_gib(w16), weights_4bit_gib=_gib(w4), weights_gib=_gib(weights),
@@ -247,9 +270,35 @@ def vram_plan(preset: str | Path, gpu_gib: float, optimizer_bytes: float | None 
         activations_no_gc_gib={k: _gib(v) for k, v in act_no.items()},
         grpo_generation_gib=_gib(generation), grpo_vllm_reserve_gib=_gib(vllm_reserve),
         stage_peak_gib={k: _gib(v) for k, v in peaks.items()},
+        residents_gib={stage: {k: _gib(v) for k, v in parts.items()} for stage, parts in residents.items()},
     )
     plan.warnings = fit_warnings(plan, grpo, weights)
     return plan
+
+
+def _grpo_residents(grpo, s: ModelShape, weights: float, lora_state: float, activations: float, generation: float,
+                    vllm_reserve: float, overhead: float) -> dict[str, float]:
+    """What GRPO holds at its peak: policy (or vLLM's share holding it), reference, reward model, generation."""
+    shared = grpo.grpo_use_vllm and grpo.backend == "unsloth"  # fast_inference: vLLM serves the training weights
+    parts = {}
+    if shared:
+        parts["vLLM share (policy weights + KV cache)"] = vllm_reserve
+    else:
+        parts["policy weights"] = weights
+        if grpo.grpo_use_vllm:
+            parts["vLLM share (its own 16-bit weights + KV cache)"] = vllm_reserve
+        else:
+            parts["generation KV cache"] = generation
+    parts["LoRA + grads + optimizer"] = lora_state
+    parts["activations"] = activations
+    if grpo.grpo_beta > 0:
+        parts["reference (shared base, adapter off)"] = 0.0
+    if grpo.grpo_reward_weights.get("reward_model"):
+        parts["reward model weights"] = reward_model_weight_bytes(s, grpo.load_in_4bit)
+        # scoring is a no-grad forward of the batch: about one layer's activations at a time
+        parts["reward model scoring"] = grpo.grpo_batch_size * grpo.max_seq_length * activation_bytes_per_token(s, False) / s.layers
+    parts["CUDA overhead"] = overhead
+    return parts
 
 
 def _gib(n: float) -> float:
@@ -260,7 +309,7 @@ def fit_warnings(plan: VRAMPlan, grpo, weights: float) -> list[str]:
     """One warning per stage whose estimated peak exceeds the card, and for a vLLM share too small."""
     warnings = [f"{stage}: estimated peak {peak} GiB exceeds the {plan.gpu_gib} GiB card"
                 for stage, peak in plan.stage_peak_gib.items() if peak > plan.gpu_gib]
-    if grpo.grpo_use_vllm and plan.grpo_vllm_reserve_gib < _gib(weights) + plan.grpo_generation_gib:
+    if grpo.grpo_use_vllm and grpo.backend == "unsloth" and plan.grpo_vllm_reserve_gib < _gib(weights) + plan.grpo_generation_gib:
         warnings.append(f"grpo: vLLM's share ({plan.grpo_vllm_reserve_gib} GiB) is below weights + KV cache "
                         f"({_gib(weights) + plan.grpo_generation_gib:.2f} GiB): raise grpo_vllm_gpu_memory_utilization")
     return warnings
@@ -274,12 +323,37 @@ def doctor(preset: str | Path | None = None, gpu_gb: float | None = None) -> Doc
         gpu_gb: Card memory in GiB; by default the detected GPU's, else 24.
 
     Returns:
-        The report (``format_report`` renders it as text).
+        The report (``format_report`` renders it as text); ``problems`` lists what would stop the
+        preset here (driver/torch CUDA mismatch, missing vLLM or llama.cpp).
     """
     env = environment()
     if gpu_gb is None:
         gpu_gb = env.gpu_total_gib or 24.0
-    return DoctorReport(env=env, plan=vram_plan(preset, gpu_gb) if preset is not None else None)
+    plan = vram_plan(preset, gpu_gb) if preset is not None else None
+    return DoctorReport(env=env, plan=plan, problems=setup_problems(preset))
+
+
+def setup_problems(preset: str | Path | None) -> list[str]:
+    """What would stop the preset's stages on this machine, checked without loading a model.
+
+    Always: a GPU that nvidia-smi sees but torch cannot use (driver older than torch's CUDA).
+    With a preset: no CUDA for a ``require_cuda`` preset, vLLM missing or rejected when
+    ``grpo_use_vllm``, no built llama.cpp when ``merge_gguf`` is set.
+    """
+    from brandcopy.backend import GPUSetupError, check_cuda, llama_cpp_problem, vllm_problem
+    from brandcopy.config import MergeStageConfig
+
+    problems = []
+    grpo = load_stage_config(GRPOStageConfig, preset) if preset is not None else None
+    try:
+        check_cuda(required=grpo is not None and grpo.require_cuda)
+    except GPUSetupError as error:
+        problems.append(f"gpu: {error}")
+    if grpo is not None and grpo.grpo_use_vllm and vllm_problem() is not None:
+        problems.append(f"grpo: {vllm_problem()}")
+    if preset is not None and load_stage_config(MergeStageConfig, preset).merge_gguf and llama_cpp_problem():
+        problems.append(f"merge: {llama_cpp_problem()}")
+    return problems
 
 
 def format_report(report: DoctorReport) -> str:
@@ -289,6 +363,7 @@ def format_report(report: DoctorReport) -> str:
              + (f" (CUDA {e.cuda_version}, {e.gpu_name}, {e.gpu_total_gib} GiB, bf16: {e.bf16_supported})"
                 if e.cuda_available else "")]
     lines += [f"  {name:13s} {version or 'not installed'}" for name, version in e.packages.items()]
+    lines += [f"PROBLEM: {problem}" for problem in report.problems]
     p = report.plan
     if p is None:
         return "\n".join(lines)
@@ -300,6 +375,9 @@ def format_report(report: DoctorReport) -> str:
         + ", ".join(f"{k} {p.activations_gib[k]} / {p.activations_no_gc_gib[k]}" for k in p.activations_gib),
         f"  GRPO generation KV cache {p.grpo_generation_gib} GiB, vLLM share {p.grpo_vllm_reserve_gib} GiB",
         "  estimated peak: " + ", ".join(f"{k} {v} GiB" for k, v in p.stage_peak_gib.items()),
+        "  resident in each stage at its peak:",
     ]
+    lines += [f"    {stage}: " + ", ".join(f"{what} {gib}" for what, gib in parts.items())
+              for stage, parts in p.residents_gib.items()]
     lines += [f"WARNING: {w}" for w in p.warnings] or ["fits: every stage is below the card's memory"]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from brandcopy.backend import import_unsloth, resolve_backend
 from brandcopy.config import weights_follow_umask
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ END_OF_TURN = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 ADDED_PAD = "<|pad|>"  # only added when the vocabulary has no spare special token to pad with
 CHATML_SPECIAL_TOKENS = [ENDOFTEXT, "<|im_start|>", END_OF_TURN]
-BACKENDS = ("auto", "unsloth", "hf")
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-UNSLOTH_INSTALL = "pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9 (see requirements-unsloth.txt)"
 
 # Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-7B-Instruct).
 QWEN25_CHAT_TEMPLATE = """{%- if tools %}
@@ -142,6 +141,36 @@ def training_chat_template(template: str) -> str:
 
 
 QWEN25_TRAINING_CHAT_TEMPLATE = training_chat_template(QWEN25_CHAT_TEMPLATE)
+
+_GENERATION_TAG_LINE = re.compile(r"^[ \t]*\{%-?\s*(?:end)?generation\s*-?%\}[ \t]*\n?", re.MULTILINE)
+
+
+def inference_chat_template(template: str) -> str:
+    """The plain variant of a chat template: no ``{% generation %}`` markers, same rendering.
+
+    Everything saved for inference (adapter, merged model, GGUF) carries this one: Jinja engines
+    outside transformers (llama.cpp, Ollama, vLLM's) do not know the ``generation`` tag. For
+    Qwen2.5-family templates this gives back the base model's template exactly.
+    """
+    plain = template.replace(_PLAIN_TURN_TRAINING, _PLAIN_TURN)
+    return _GENERATION_TAG_LINE.sub("", plain)
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """Save a tokenizer for inference (plain chat template); the object keeps its training template.
+
+    Raises:
+        ValueError: Removing the markers would change how the template renders.
+    """
+    training = tokenizer.chat_template
+    plain = inference_chat_template(training)
+    if plain != training:
+        _assert_same_rendering(tokenizer, training, plain)
+    tokenizer.chat_template = plain
+    try:
+        tokenizer.save_pretrained(str(out_dir))
+    finally:
+        tokenizer.chat_template = training
 
 # Conversations on which a training template must render exactly like the inference template.
 _PROBE_CONVERSATIONS = [
@@ -344,7 +373,7 @@ def load_model(
     lora = _lora_settings(lora)
     backend = _preflight(name_or_path, backend, load_in_4bit)
     tokenizer = _load_tokenizer(name_or_path)
-    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing))
+    options = _LoadOptions(load_in_4bit, max_seq_length, default_dtype(dtype), _default_gc(gradient_checkpointing))
     if backend == "unsloth":
         return _load_unsloth(name_or_path, options, lora)
     return _load_hf(name_or_path, tokenizer, options, lora)
@@ -393,8 +422,8 @@ def load_adapter_model(
         raise ValueError("load_adapter_model(base_model=...) is only supported with backend='hf'.")
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(str(adapter_dir) if has_tokenizer else base)
-    options = _LoadOptions(load_in_4bit, max_seq_length, _default_dtype(dtype), _default_gc(gradient_checkpointing),
-                           vllm_gpu_memory_utilization)
+    options = _LoadOptions(load_in_4bit, max_seq_length, default_dtype(dtype), _default_gc(gradient_checkpointing),
+                           vllm_gpu_memory_utilization, adapter_rank(adapter_dir))
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(str(adapter_dir), options, None)  # unsloth flips this tokenizer's padding side
         _set_trainable(model, trainable)
@@ -421,6 +450,11 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
     return base
 
 
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The LoRA rank ``r`` of a saved adapter (adapter_config.json)."""
+    return int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+
+
 @dataclass
 class _LoadOptions:
     load_in_4bit: bool
@@ -428,6 +462,7 @@ class _LoadOptions:
     dtype: torch.dtype
     gradient_checkpointing: bool
     vllm_gpu_memory_utilization: float | None = None  # Unsloth fast_inference (vLLM) when set
+    max_lora_rank: int = 64  # largest adapter rank vLLM must serve (fast_inference only)
 
 
 def _lora_settings(lora: LoraSettings | dict | None) -> LoraSettings | None:
@@ -441,19 +476,16 @@ def _lora_settings(lora: LoraSettings | dict | None) -> LoraSettings | None:
 
 def _preflight(name_or_path: str, backend: str, load_in_4bit: bool) -> str:
     """Check every input that can fail before loading anything; return the concrete backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+    resolved = resolve_backend(backend)
     _check_model_source(name_or_path)
     if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(
             "load_in_4bit=True needs bitsandbytes, which is not installed: "
             "pip install bitsandbytes==0.50.2, or pass load_in_4bit=False."
         )
-    if backend == "unsloth":
-        _import_unsloth()
-    if backend == "auto":
-        return _pick_backend()
-    return backend
+    if resolved == "unsloth":
+        import_unsloth()
+    return resolved
 
 
 def _check_model_source(name_or_path: str) -> None:
@@ -483,33 +515,8 @@ def _is_cached(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def _import_unsloth():
-    """Import unsloth or explain how to get it."""
-    if importlib.util.find_spec("unsloth") is None:
-        raise ImportError(f"backend='unsloth' but unsloth is not installed: {UNSLOTH_INSTALL}, or use backend='hf'.")
-    try:
-        import unsloth
-    except ImportError as error:
-        raise ImportError(
-            f"unsloth is installed but does not import ({error}); install the missing package, or use backend='hf'."
-        ) from error
-    return unsloth
-
-
-def _pick_backend() -> str:
-    if not torch.cuda.is_available():
-        logger.info("backend=auto -> hf: no CUDA device (unsloth's GPU kernels need one).")
-        return "hf"
-    try:
-        _import_unsloth()
-    except ImportError as error:
-        logger.warning("backend=auto -> hf: CUDA is present but %s", error)
-        return "hf"
-    logger.info("backend=auto -> unsloth: CUDA is present and unsloth imports.")
-    return "unsloth"
-
-
-def _default_dtype(dtype: torch.dtype | None) -> torch.dtype:
+def default_dtype(dtype: torch.dtype | None = None) -> torch.dtype:
+    """``dtype``, or the compute dtype of this machine: bf16 (fp16 without bf16) on CUDA, fp32 on CPU."""
     if dtype is not None:
         return dtype
     if torch.cuda.is_available():
@@ -534,7 +541,7 @@ def _load_tokenizer(name_or_path: str):
 def _load_hf(name_or_path: str, tokenizer, options: _LoadOptions, lora: LoraSettings | None, adapter=None):
     """transformers + bitsandbytes + PEFT; `adapter` is (folder, trainable) or None."""
     trains = lora is not None or (adapter is not None and adapter[1])
-    quantization = _bnb_config(options.dtype) if options.load_in_4bit else None
+    quantization = bnb_4bit_config(options.dtype) if options.load_in_4bit else None
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=options.dtype, quantization_config=quantization, device_map=_device()
     )
@@ -556,7 +563,8 @@ def _load_hf(name_or_path: str, tokenizer, options: _LoadOptions, lora: LoraSett
     return model, tokenizer
 
 
-def _bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def bnb_4bit_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's quantization: NF4 with double quantization, computing in ``compute_dtype``."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -601,10 +609,14 @@ def _lora_config(lora: LoraSettings) -> LoraConfig:
 
 
 def _fast_inference_kwargs(options: _LoadOptions) -> dict:
-    """Unsloth's vLLM engine for GRPO generation: shares the weights, takes a share of GPU memory."""
+    """Unsloth's vLLM engine for GRPO generation: shares the weights, takes a share of GPU memory.
+
+    vLLM serves LoRA adapters up to ``max_lora_rank`` (Unsloth's default 64): pass the adapter's rank.
+    """
     if options.vllm_gpu_memory_utilization is None:
         return {}
-    return {"fast_inference": True, "gpu_memory_utilization": options.vllm_gpu_memory_utilization}
+    return {"fast_inference": True, "gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+            "max_lora_rank": options.max_lora_rank}
 
 
 def _load_unsloth(name_or_path: str, options: _LoadOptions, lora: LoraSettings | None):
@@ -737,9 +749,23 @@ def _sync_model_ids(model, tokenizer, changes: dict) -> None:
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
     for name, config in (("config", model.config), ("generation_config", model.generation_config)):
         for key, value in ids.items():
+            if name == "generation_config" and key == "eos_token_id":
+                value = generation_eos_ids(config.eos_token_id, value)
             if getattr(config, key) != value:
                 changes[f"{name}.{key}"] = (getattr(config, key), value)
                 setattr(config, key, value)
+
+
+def generation_eos_ids(current: int | list[int] | None, end_of_turn: int) -> int | list[int]:
+    """The model's own stop ids with the end-of-turn id among them.
+
+    Qwen2.5-Instruct's generation_config stops on ``[<|im_end|>, <|endoftext|>]``: keep that list,
+    so a merged model stops exactly as the original does; add ``<|im_end|>`` when it is missing.
+    """
+    if current is None or current == end_of_turn:
+        return end_of_turn
+    ids = list(current) if isinstance(current, list) else [current]
+    return ids if end_of_turn in ids else [end_of_turn, *ids]
 
 
 # --- checking a training example -----------------------------------------------------------------

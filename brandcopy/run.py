@@ -525,7 +525,13 @@ def final_eval(trainer) -> dict:
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
-    """Save the trained ("default") adapter and the tokenizer; TRL's frozen "ref" copy stays out."""
+    """Save the trained ("default") adapter and the tokenizer; TRL's frozen "ref" copy stays out.
+
+    The tokenizer is saved with the plain chat template; the next stage's fix_special_tokens puts
+    the training markers back.
+    """
     if is_main_process():
+        from brandcopy.modeling import save_tokenizer
+
         model.save_pretrained(str(out_dir), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(tokenizer, out_dir)  # plain chat template: the saved adapter is for inference too

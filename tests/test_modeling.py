@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLan
 from transformers import Qwen2ForCausalLM, Qwen2Tokenizer
 from trl import SFTConfig, SFTTrainer
 
+from brandcopy.backend import resolve_backend
 from brandcopy import modeling
 from brandcopy.modeling import (
     QWEN25_CHAT_TEMPLATE,
@@ -232,7 +233,7 @@ def test_load_adapter_model_restores_trained_adapter(tiny_model_dir, tmp_path):
 
 
 def test_auto_backend_picks_hf_without_cuda(tiny_model_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="brandcopy.modeling"):
+    with caplog.at_level(logging.INFO, logger="brandcopy.backend"):
         model, _ = load_model(tiny_model_dir)
     assert "backend=auto -> hf" in caplog.text and "no CUDA" in caplog.text
     assert type(model).__name__ == "Qwen2ForCausalLM"
@@ -241,8 +242,8 @@ def test_auto_backend_picks_hf_without_cuda(tiny_model_dir, caplog):
 def test_auto_backend_falls_back_to_hf_on_gpu_without_unsloth(monkeypatch, caplog):
     monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: True)
     _hide_module(monkeypatch, "unsloth")
-    with caplog.at_level(logging.INFO, logger="brandcopy.modeling"):
-        assert modeling._pick_backend() == "hf"
+    with caplog.at_level(logging.INFO, logger="brandcopy.backend"):
+        assert resolve_backend("auto") == "hf"
     assert "CUDA is present but" in caplog.text and "unsloth is not installed" in caplog.text
 
 

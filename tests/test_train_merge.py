@@ -21,7 +21,8 @@ def test_merged_model_greedy_output_equals_the_adapter_model(sft_run):
     assert not (out / "adapter_config.json").exists()
     adapter_model, tokenizer = load_adapter_model(sft_dir, backend="hf")
     merged = AutoModelForCausalLM.from_pretrained(out)
-    assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # the model's own stop list (Qwen2.5-Instruct's [<|im_end|>, <|endoftext|>]) survives the merge
+    assert merged.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     messages = [{"role": "system", "content": "你是元素护肤的品牌文案助手，语气专业、克制、真诚。"},
                 {"role": "user", "content": "请为「氨基酸温和洁面乳」写一篇paid_ad_cta文案。"}]
     inputs = AutoTokenizer.from_pretrained(out).apply_chat_template(messages, add_generation_prompt=True,

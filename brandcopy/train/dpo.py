@@ -8,8 +8,11 @@ frozen copy of the starting adapter (TRL adds it as the ``ref`` adapter), not th
 import logging
 from pathlib import Path
 
-from trl import DPOConfig, DPOTrainer
+# trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
+# unsloth backend) rebinds trl's trainers and configs to its patched classes.
+import trl
 
+from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
 from brandcopy.run import (
@@ -31,9 +34,9 @@ __all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
 logger = logging.getLogger(__name__)
 
 
-def dpo_config(cfg: DPOStageConfig) -> DPOConfig:
+def dpo_config(cfg: DPOStageConfig) -> "trl.DPOConfig":
     """The TRL DPOConfig for a stage config."""
-    return DPOConfig(
+    return trl.DPOConfig(
         **training_args(cfg, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
                         batch_size=cfg.dpo_batch_size, grad_accum=cfg.dpo_grad_accum),
         beta=cfg.dpo_beta,
@@ -56,6 +59,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
     Raises:
         StageInputError: The starting stage is missing or unfinished, or a data file is missing or empty.
     """
+    prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     train = load_split(cfg.data_path, "preference", "train")
     val = load_split(cfg.data_path, "preference", "val")
     source = require_stage(cfg.run_dir, cfg.dpo_from, "dpo")
@@ -64,7 +68,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
                                           max_seq_length=cfg.max_seq_length,
                                           gradient_checkpointing=cfg.gradient_checkpointing)
     fix_special_tokens(model, tokenizer)  # a no-op for adapters saved by run_sft; fixes any other
-    trainer = DPOTrainer(model=model, args=dpo_config(cfg), train_dataset=train, eval_dataset=val,
+    trainer = trl.DPOTrainer(model=model, args=dpo_config(cfg), train_dataset=train, eval_dataset=val,
                          processing_class=tokenizer,
                          callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
     before = param_fingerprint(trainer.model)

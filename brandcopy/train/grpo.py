@@ -10,8 +10,11 @@ GPU; with Unsloth's fast_inference the weights are shared).
 import json
 from pathlib import Path
 
-from trl import GRPOConfig, GRPOTrainer
+# trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
+# unsloth backend) rebinds trl's trainers and configs to its patched classes.
+import trl
 
+from brandcopy.backend import prepare_backend, vllm_problem
 from brandcopy.config import ConfigError, GRPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
 from brandcopy.rewards import REWARD_FUNCTIONS, cached_judge
@@ -56,10 +59,21 @@ def check_batch(cfg: GRPOStageConfig) -> None:
         )
 
 
-def grpo_config(cfg: GRPOStageConfig) -> GRPOConfig:
+def check_vllm(cfg: GRPOStageConfig) -> None:
+    """With ``grpo_use_vllm``, vLLM must be installed in a version Unsloth accepts; checked before any weights load.
+
+    Raises:
+        ConfigError: vLLM is missing or rejected; the message names the install and ``grpo_use_vllm=false``.
+    """
+    problem = vllm_problem() if cfg.grpo_use_vllm else None
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def grpo_config(cfg: GRPOStageConfig) -> "trl.GRPOConfig":
     """The TRL GRPOConfig for a stage config."""
     _, weights = active_rewards(cfg)
-    return GRPOConfig(
+    return trl.GRPOConfig(
         **training_args(cfg, lr=cfg.grpo_lr, epochs=cfg.grpo_epochs, max_steps=cfg.grpo_max_steps,
                         batch_size=cfg.grpo_batch_size, grad_accum=cfg.grpo_grad_accum),
         num_generations=cfg.grpo_num_generations,
@@ -114,11 +128,14 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
         The stage folder.
 
     Raises:
-        ConfigError: Batch sizes that do not hold whole groups, or no reward with a weight.
+        ConfigError: Batch sizes that do not hold whole groups, no reward with a weight, or
+            ``grpo_use_vllm`` without a usable vLLM.
         StageInputError: The starting stage (or the reward stage, when its reward is used) is
             missing or unfinished, or the prompt file is missing or empty.
     """
+    prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     check_batch(cfg)
+    check_vllm(cfg)
     funcs, _ = active_rewards(cfg)
     train = grpo_dataset(cfg, "train")
     source = require_stage(cfg.run_dir, cfg.grpo_from, "grpo")
@@ -128,7 +145,7 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
                                           gradient_checkpointing=cfg.gradient_checkpointing,
                                           vllm_gpu_memory_utilization=fast_inference_share(cfg))
     fix_special_tokens(model, tokenizer)
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(cfg), train_dataset=train,
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=funcs, args=grpo_config(cfg), train_dataset=train,
                           processing_class=tokenizer,
                           callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
     before = param_fingerprint(trainer.model)

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import torch
 
+from brandcopy.backend import llama_cpp_problem, prepare_backend
 from brandcopy.config import ConfigError, MergeStageConfig, save_config
-from brandcopy.modeling import adapter_base_model, fix_special_tokens, load_adapter_model
+from brandcopy.modeling import (
+    adapter_base_model,
+    fix_special_tokens,
+    generation_eos_ids,
+    inference_chat_template,
+    load_adapter_model,
+    save_tokenizer,
+)
 from brandcopy.run import require_stage, sha256_file, write_manifest
 
 __all__ = ["MergeStageConfig", "run_merge", "merge_hf", "merge_unsloth"]
@@ -29,13 +37,18 @@ def merge_hf(adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
     merged = model.merge_and_unload()
     fix_special_tokens(merged, tokenizer)  # generation_config of the base gets the fixed eos/pad too
     merged.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
 
 
 def merge_unsloth(adapter_dir: Path, out_dir: Path, cfg: MergeStageConfig) -> None:
     """Unsloth's 16-bit merge (onto the original 16-bit weights), plus GGUF when ``merge_gguf`` is set."""
     model, tokenizer = load_adapter_model(adapter_dir, trainable=False, backend="unsloth",
                                           load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length)
+    # Unsloth saves the tokenizer it is given: give it the plain template (GGUF embeds it too) and
+    # the model's own stop-id list.
+    tokenizer.chat_template = inference_chat_template(tokenizer.chat_template)
+    model.generation_config.eos_token_id = generation_eos_ids(model.generation_config.eos_token_id,
+                                                              tokenizer.eos_token_id)
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
     if cfg.merge_gguf:
         model.save_pretrained_gguf(str(out_dir / "gguf"), tokenizer, quantization_method=cfg.merge_gguf)
@@ -49,10 +62,13 @@ def run_merge(cfg: MergeStageConfig) -> Path:
 
     Raises:
         StageInputError: The adapter stage is missing or unfinished.
-        ConfigError: ``merge_gguf`` without ``backend: unsloth``.
+        ConfigError: ``merge_gguf`` without ``backend: unsloth``, or without a built llama.cpp.
     """
     if cfg.merge_gguf and cfg.backend != "unsloth":
         raise ConfigError(f"merge_gguf={cfg.merge_gguf!r} needs backend: unsloth (GGUF export is Unsloth's)")
+    if cfg.merge_gguf and llama_cpp_problem() is not None:
+        raise ConfigError(llama_cpp_problem())
+    prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     source = require_stage(cfg.run_dir, cfg.merge_from, "merge")
     partial = cfg.run_dir / f".{cfg.stage}.partial"
     shutil.rmtree(partial, ignore_errors=True)

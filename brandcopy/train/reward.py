@@ -12,10 +12,15 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
-from trl import RewardConfig, RewardTrainer
+import yaml
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+# trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
+# unsloth backend) rebinds trl's trainers and configs to its patched classes.
+import trl
 
+from brandcopy.backend import prepare_backend
 from brandcopy.config import RewardStageConfig
+from brandcopy.modeling import bnb_4bit_config, default_dtype
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -31,28 +36,21 @@ from brandcopy.run import (
 __all__ = ["RewardStageConfig", "run_reward", "load_reward_model", "score_conversations", "pairwise_accuracy"]
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 (fp16 without bf16 support) on GPU, fp32 on CPU."""
-    if not on_gpu():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def reward_lora(cfg: RewardStageConfig) -> LoraConfig:
     """LoRA for sequence classification: PEFT then trains and saves the ``score`` head in full."""
     return LoraConfig(task_type="SEQ_CLS", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), modules_to_save=["score"])
 
 
-def reward_config(cfg: RewardStageConfig) -> RewardConfig:
+def reward_config(cfg: RewardStageConfig) -> "trl.RewardConfig":
     """The TRL RewardConfig for a stage config."""
-    return RewardConfig(
+    return trl.RewardConfig(
         **training_args(cfg, lr=cfg.reward_lr, epochs=cfg.reward_epochs, max_steps=cfg.reward_max_steps,
                         batch_size=cfg.reward_batch_size, grad_accum=cfg.reward_grad_accum),
         max_length=cfg.max_seq_length,
         eval_strategy="steps",
         eval_steps=cfg.save_steps,
-        model_init_kwargs={"dtype": compute_dtype()},
+        model_init_kwargs={"dtype": default_dtype()},
     )
 
 
@@ -94,13 +92,13 @@ def run_reward(cfg: RewardStageConfig, callbacks: list | tuple = ()) -> Path:
     Raises:
         StageInputError: A preference data file is missing or has no rows.
     """
+    prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     train = load_split(cfg.data_path, "preference", "train")
     val = load_split(cfg.data_path, "preference", "val")
     resume_from = begin_stage(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=compute_dtype()) if cfg.load_in_4bit else None)
-    trainer = RewardTrainer(model=cfg.model, args=reward_config(cfg), train_dataset=train, eval_dataset=val,
+    quantization = bnb_4bit_config(default_dtype()) if cfg.load_in_4bit else None
+    trainer = trl.RewardTrainer(model=cfg.model, args=reward_config(cfg), train_dataset=train, eval_dataset=val,
                             processing_class=tokenizer, quantization_config=quantization, peft_config=reward_lora(cfg),
                             callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
     accuracy_before = pairwise_accuracy(trainer.model, tokenizer, val)
@@ -119,18 +117,28 @@ def run_reward(cfg: RewardStageConfig, callbacks: list | tuple = ()) -> Path:
     return finish_stage(cfg, files, ("loss", "eval_loss", "eval_accuracy", "heldout_pairwise_accuracy"), extra)
 
 
+def reward_model_in_4bit(reward_dir: str | Path) -> bool:
+    """Whether the reward model was trained on a 4-bit base (its stage's ``config.yaml``): it is loaded so again."""
+    config = yaml.safe_load((Path(reward_dir) / "config.yaml").read_text(encoding="utf-8"))
+    return bool(config["load_in_4bit"])
+
+
 @lru_cache(maxsize=2)
 def load_reward_model(reward_dir: str):
     """Load a trained reward model (base + LoRA + score head) for scoring, frozen.
 
-    Cached: GRPO's reward function calls this on every step.
+    The base is quantized to 4 bits when the reward stage trained on a 4-bit base: beside GRPO's
+    policy and vLLM share on a 24 GB card a 7B classifier in bf16 (~14 GiB) does not fit; in NF4
+    it takes ~5 GiB. Cached: GRPO's reward function calls this on every step.
 
     Returns:
         (model, tokenizer).
     """
     base = json.loads((Path(reward_dir) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=compute_dtype(),
+    quantization = bnb_4bit_config(default_dtype()) if reward_model_in_4bit(reward_dir) else None
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=default_dtype(),
+                                                               quantization_config=quantization,
                                                                device_map="cuda:0" if on_gpu() else None)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, reward_dir).eval()

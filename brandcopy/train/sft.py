@@ -9,10 +9,13 @@ position_ids, so no compute is spent on pad tokens.
 import logging
 from pathlib import Path
 
-from trl import SFTConfig, SFTTrainer
+# trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
+# unsloth backend) rebinds trl's trainers and configs to its patched classes.
+import trl
 
+from brandcopy.backend import prepare_backend
 from brandcopy.config import SFTStageConfig, atomic_write_text
-from brandcopy.modeling import check_training_example, fix_special_tokens, load_model
+from brandcopy.modeling import check_training_example, fix_special_tokens, load_model, save_tokenizer
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -31,9 +34,9 @@ __all__ = ["SFTStageConfig", "run_sft", "sft_config", "sft_trainer"]
 logger = logging.getLogger(__name__)
 
 
-def sft_config(cfg: SFTStageConfig) -> SFTConfig:
+def sft_config(cfg: SFTStageConfig) -> "trl.SFTConfig":
     """The TRL SFTConfig for a stage config."""
-    return SFTConfig(
+    return trl.SFTConfig(
         **training_args(cfg, lr=cfg.sft_lr, epochs=cfg.sft_epochs, max_steps=cfg.sft_max_steps,
                         batch_size=cfg.sft_batch_size, grad_accum=cfg.sft_grad_accum),
         max_length=cfg.max_seq_length,
@@ -46,9 +49,9 @@ def sft_config(cfg: SFTStageConfig) -> SFTConfig:
     )
 
 
-def sft_trainer(cfg: SFTStageConfig, model, tokenizer, train, val=None, callbacks: list | tuple = ()) -> SFTTrainer:
+def sft_trainer(cfg: SFTStageConfig, model, tokenizer, train, val=None, callbacks: list | tuple = ()) -> "trl.SFTTrainer":
     """The SFTTrainer for a loaded model and fixed tokenizer, logging to ``<run>/sft/metrics.jsonl``."""
-    return SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
+    return trl.SFTTrainer(model=model, args=sft_config(cfg), train_dataset=train, eval_dataset=val,
                       processing_class=tokenizer, callbacks=[MetricsCallback(cfg.out_dir / "metrics.jsonl"), *callbacks])
 
 
@@ -71,6 +74,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
         StageInputError: A data file is missing or has no rows.
         TrainingExampleError: The rendered example would not train the end-of-turn token.
     """
+    prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     train = load_split(cfg.data_path, "sft", "train")
     val = load_split(cfg.data_path, "sft", "val") if cfg.sft_eval else None
     resume_from = begin_stage(cfg)
@@ -89,7 +93,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     changed = changed_params(before, model)
     trainer.save_model(str(cfg.out_dir))  # writes from the main process only
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(cfg.out_dir))
+        save_tokenizer(tokenizer, cfg.out_dir)  # plain chat template, as the base shipped it
     files = [data_file(cfg.data_path, "sft", "train")] + ([data_file(cfg.data_path, "sft", "val")] if val else [])
     extra = {"train_loss": result.training_loss, "global_step": result.global_step,
              "resumed_from": resume_from, "changed_tensors": len(changed), "eval_loss": metrics.get("eval_loss"),

@@ -3,9 +3,9 @@
 Import submodules directly (``from brandcopy import lint``); this package imports nothing heavy.
 """
 
-__version__ = "0.1.0"
-
 import logging
+
+__version__ = "0.1.0"
 
 # bitsandbytes tries, on CPUs with AVX512-BF16, to download an optional faster 4-bit kernel from the
 # Hugging Face Hub (kernels-community) and logs a warning when it cannot, which it never can here

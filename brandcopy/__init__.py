@@ -3,4 +3,14 @@
 Import submodules directly (``from brandcopy import lint``); this package imports nothing heavy.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes tries, on CPUs with AVX512-BF16, to download an optional faster 4-bit kernel from the
+# Hugging Face Hub (kernels-community) and logs a warning when it cannot, which it never can here
+# (offline, no `kernels` package). It then uses its own built-in CPU kernel, so nothing is wrong:
+# drop that one message at its source instead of printing it before every train/eval command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+)

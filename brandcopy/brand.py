@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from brandcopy.config import NotUTF8Error, read_text
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CONTENT_TYPES_PATH = DATA_DIR / "content_types.yaml"
 BRAND_FILES = ("brand.yaml", "products.jsonl")
@@ -168,7 +170,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 def _read_yaml(path):
     """Parses a YAML file whose top level must be a mapping; errors carry the line."""
     try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_LineLoader)
+        data = yaml.load(_text(path), Loader=_LineLoader)
     except yaml.YAMLError as err:
         line = err.problem_mark.line + 1 if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark else None
         raise BrandDataError(path, line, None, f"malformed YAML: {err}") from err
@@ -317,17 +319,24 @@ def _claim_lexicon(data, path):
 
 def _read_jsonl(path):
     """Yields (line number, object) for each non-blank line; raises on malformed JSON."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BrandDataError(path, number, None, f"malformed JSON line: {err.msg} (column {err.colno})") from err
-            if not isinstance(obj, dict):
-                raise BrandDataError(path, number, None, "expected a JSON object")
-            yield number, obj
+    for number, line in enumerate(_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BrandDataError(path, number, None, f"malformed JSON line: {err.msg} (column {err.colno})") from err
+        if not isinstance(obj, dict):
+            raise BrandDataError(path, number, None, "expected a JSON object")
+        yield number, obj
+
+
+def _text(path):
+    """The file's text (UTF-8, a BOM dropped); other encodings are a BrandDataError naming the line."""
+    try:
+        return read_text(path)
+    except NotUTF8Error as err:
+        raise BrandDataError(path, err.line, None, err.reason) from None
 
 
 def _require(obj, key, kind, path, number, nullable=False):

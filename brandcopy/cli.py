@@ -4,6 +4,8 @@ Each section below belongs to one area; heavy imports happen inside the commands
 ``brandcopy --help`` stays fast.
 """
 
+from contextlib import contextmanager
+
 import typer
 
 app = typer.Typer(help="Brand-exclusive copywriting models: data, training, evaluation.", no_args_is_help=True)
@@ -11,6 +13,24 @@ data_app = typer.Typer(help="Generate, clean and export training data.", no_args
 train_app = typer.Typer(help="Training stages: sft, reward, dpo, grpo.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+
+
+# --- bad input: one line on stderr, exit 2 ---------------------------------------------------
+
+
+def _fail(message: str):
+    """End the command: one line on stderr, exit code 2 (bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _bad_input(*errors: type[Exception]):
+    """Errors of the given kinds (each names its file, line and field) end the command with one line and exit 2."""
+    try:
+        yield
+    except errors as err:
+        _fail(str(err))
 
 
 # --- brand and lint (brand.py, lint.py) ---------------------------------------------------
@@ -26,11 +46,10 @@ def lint_command(
     from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.lint import format_report, lint_file, result_json
 
-    try:
+    with _bad_input(BrandDataError, OSError):
         linted = lint_file(file, load_brand(brand))
-    except (BrandDataError, OSError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    if not linted:
+        _fail(f"{file}: no records to lint (the file is empty)")
     if as_json:
         for _, record, result in linted:
             typer.echo(result_json(record.get("id"), result))
@@ -69,9 +88,8 @@ def _run_llm_step(mock: bool, brand, model: str, base_url: str, api_key_env: str
                 return step(LLMClient(config))
         config = LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency)
         return step(LLMClient(config))
-    except (LLMConfigError, LLMFatalError, BrandDataError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except (LLMConfigError, LLMFatalError, BrandDataError, OSError) as err:
+        _fail(str(err))
 
 
 @data_app.command("generate")
@@ -83,15 +101,21 @@ def data_generate(
     mock: bool = _MOCK,
 ):
     """Generate copy for every (product, content type) of a split, checked by lint and the fact check."""
-    from brandcopy.brand import load_brand
+    from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.datagen import generate
     from brandcopy.llm import cost_report
 
-    loaded = load_brand(brand)
+    if split not in ("train", "val"):
+        _fail(f"--split {split!r}: expected train or val")
+    with _bad_input(BrandDataError):
+        loaded = load_brand(brand)
+    types = [t.strip() for t in content_types.split(",")] if content_types else None
+    unknown = [t for t in types or () if t not in loaded.content_types]
+    if unknown:
+        _fail(f"--content-types: unknown content type {unknown[0]!r}; known: {', '.join(loaded.content_types)}")
     data_dir = _data_dir(output_root, run)
     summary = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
-                            lambda client: generate(client, loaded, data_dir, split, content_types.split(",") if content_types else None,
-                                                           samples_per_pair, max_repairs=max_repairs))
+                            lambda client: generate(client, loaded, data_dir, split, types, samples_per_pair, max_repairs=max_repairs))
     typer.echo(f"{summary}\nsamples: {data_dir / 'generated.jsonl'}\nfailures: {data_dir / 'generate' / 'failures.jsonl'}")
     typer.echo(cost_report([summary], summary.produced))
 
@@ -104,11 +128,12 @@ def data_clean(
     mock: bool = _MOCK,
 ):
     """LLM rewrite passes: strip markup, give flat notes a persona and story, add missing CTAs."""
-    from brandcopy.brand import load_brand
+    from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.datagen import clean
     from brandcopy.llm import cost_report
 
-    loaded = load_brand(brand)
+    with _bad_input(BrandDataError):
+        loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                            lambda client: clean(client, loaded, input or data_dir / "generated.jsonl", data_dir))
@@ -126,15 +151,17 @@ def data_negatives(
     mock: bool = _MOCK,
 ):
     """Preference negatives: weak / exaggerated / fake through the LLM, plus offline ones."""
-    from brandcopy.brand import load_brand
+    from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.datagen import make_negatives
     from brandcopy.llm import cost_report
 
-    loaded = load_brand(brand)
+    with _bad_input(BrandDataError):
+        loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     source = input or data_dir / "cleaned.jsonl"
     if offline:
-        report = make_negatives(None, loaded, source, data_dir)
+        with _bad_input(BrandDataError, OSError):
+            report = make_negatives(None, loaded, source, data_dir)
     else:
         report = _run_llm_step(mock, loaded, model, base_url, api_key_env, concurrency,
                                lambda client: make_negatives(client, loaded, source, data_dir, weak_model=weak_model or None))
@@ -150,14 +177,14 @@ def data_export(
     negatives: str = typer.Option("", help="Negatives; default <data>/negatives.jsonl when it exists."),
 ):
     """Write TRL (sft, preference, grpo) and LLaMA-Factory files per split."""
-    from brandcopy.brand import load_brand
+    from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.datagen import export
 
-    loaded = load_brand(brand)
     data_dir = _data_dir(output_root, run)
     default_negatives = data_dir / "negatives.jsonl"
-    written = export(loaded, input or data_dir / "cleaned.jsonl", data_dir,
-                     negatives or (default_negatives if default_negatives.exists() else None))
+    with _bad_input(BrandDataError, OSError):
+        written = export(load_brand(brand), input or data_dir / "cleaned.jsonl", data_dir,
+                         negatives or (default_negatives if default_negatives.exists() else None))
     for name, path in written.items():
         typer.echo(f"{name}: {path}")
 
@@ -171,11 +198,12 @@ def data_serve_mock(
     seed: int = typer.Option(0, help="Seed of the fault RNG."),
 ):
     """Run the scripted OpenAI-compatible server (model name: any) until Ctrl-C."""
-    from brandcopy.brand import load_brand
+    from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.datagen import golden_responder
     from brandcopy.mockserver import Faults, ScriptedServer, serve
 
-    responder = golden_responder(load_brand(brand)) if brand else None
+    with _bad_input(BrandDataError):
+        responder = golden_responder(load_brand(brand)) if brand else None
     serve(ScriptedServer(responder=responder, faults=Faults(rate=fault_rate), latency=latency, seed=seed, port=port))
 
 
@@ -203,21 +231,21 @@ def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides
     """Load the stage config (errors exit 2 before any model loads), run the stage, print its folder.
 
     The backend is prepared before the stage's module (and with it trl) is imported, so that on the
-    unsloth backend Unsloth's patched trainers are the ones the stage gets.
+    unsloth backend Unsloth's patched trainers are the ones the stage gets; the preset is checked
+    before either. Every input error exits 2 with one line before any model loads: preset, data
+    files (file:line: field), starting stage, model folder.
     """
     import importlib
 
     from brandcopy import config as config_module
 
     cfg = _stage_config_or_exit(getattr(config_module, config_cls), config, overrides)
-    from brandcopy.run import StageInputError
-
     stage = importlib.import_module(f"brandcopy.train.{module}")
-    try:
+    from brandcopy.modeling import TrainingExampleError
+    from brandcopy.run import DataFileError, StageInputError
+
+    with _bad_input(config_module.ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
         out = getattr(stage, run_fn)(cfg)
-    except (config_module.ConfigError, StageInputError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     typer.echo(f"{cfg.stage} finished: {out}")
 
 
@@ -306,11 +334,8 @@ def eval_command(
     from brandcopy.evaluate import run_eval
     from brandcopy.run import StageInputError
 
-    try:
+    with _bad_input(ConfigError, StageInputError, BrandDataError, ValueError, FileNotFoundError):
         out = run_eval(cfg)
-    except (ConfigError, StageInputError, BrandDataError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(("PARTIAL report: " if "**PARTIAL**" in report else "report: ") + str(out / "report.md"))
 

@@ -13,6 +13,14 @@ Retry policy (we own it; the SDK's own retries are off):
   request is recorded as a failure with that reason. A truncated answer is never written as data.
 - 401/403 (bad key) and 404 (unknown model or path) abort the run with ``LLMFatalError``: every
   other request would fail the same way. Other 4xx are recorded as the request's failure.
+- The endpoint is checked once per client before its first answer, cached or not (``GET /models``,
+  free): a refused connection fails at once, and a rejected key is never hidden by cache hits.
+- A circuit breaker stops the run with ``LLMFatalError`` when the endpoint went away mid-run: no
+  request has reached it for ``breaker_seconds`` and at least ``breaker_errors`` attempts in a row
+  failed to connect. The answers finished so far stay on disk; the same command resumes.
+
+The response cache is keyed by (endpoint, model, messages, params): answers of one server are
+never replayed for another that happens to use the same model name.
 
 ``run_requests`` appends each finished result to a JSONL file (one ``os.write`` per line, then
 ``fsync``), so a killed run loses at most the requests in flight and a rerun skips finished keys.
@@ -81,6 +89,8 @@ class LLMConfig:
         max_tokens: Default answer budget in tokens (a request's params override it).
         stream: Use ``stream=True`` (SSE) and assemble the chunks.
         cache_dir: Directory of the on-disk response cache; None disables it.
+        breaker_errors: Connection failures in a row (no answer in between) before the run stops.
+        breaker_seconds: How long the endpoint must have been unreachable before the run stops.
         price_input_per_m: Price of one million prompt tokens (DeepSeek list price in USD,
             cache miss, late 2025; set your provider's).
         price_cached_input_per_m: Price of one million prompt tokens the provider served from its
@@ -103,6 +113,12 @@ class LLMConfig:
     price_input_per_m: float = 0.28
     price_cached_input_per_m: float = 0.028
     price_output_per_m: float = 0.42
+    breaker_errors: int = 5
+    breaker_seconds: float = 10.0
+
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise LLMConfigError(f"concurrency must be at least 1, got {self.concurrency} (--concurrency)")
 
 
 @dataclass
@@ -172,15 +188,16 @@ def resolve_api_key(config: LLMConfig) -> str:
     key = os.environ.get(config.api_key_env, "")
     if not key:
         raise LLMConfigError(
-            f"environment variable {config.api_key_env} is not set: export it with your API key for "
-            f"{config.base_url}, or set api_key_env to the variable that holds it (None for a local server)"
+            f"environment variable {config.api_key_env} is not set: export {config.api_key_env}=<your key for "
+            f"{config.base_url}>, or name the variable that holds it with --api-key-env NAME "
+            f"(--api-key-env '' for a local server without a key; in a preset: eval_judge_api_key_env / grpo_judge_api_key_env)"
         )
     return key
 
 
-def cache_key(model: str, messages: list[dict], params: dict) -> str:
-    """Returns the sha256 of (model, messages, params), the cache's key."""
-    blob = json.dumps([model, messages, params], ensure_ascii=False, sort_keys=True)
+def cache_key(base_url: str, model: str, messages: list[dict], params: dict) -> str:
+    """Returns the sha256 of (endpoint, model, messages, params), the cache's key."""
+    blob = json.dumps([base_url.rstrip("/"), model, messages, params], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -200,6 +217,8 @@ class LLMClient:
         self._checked = False
         self._check_lock = None
         self._rng = random.Random()
+        self._down_since = None  # the circuit breaker: when connection errors began, and how many in a row
+        self._connection_errors = 0
 
     def __repr__(self) -> str:
         return f"LLMClient(model={self.config.model!r}, base_url={self.config.base_url!r}, key from ${self.config.api_key_env})"
@@ -231,12 +250,12 @@ class LLMClient:
         """
         params = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens} | (params or {})
         model = params.pop("model", self.config.model)
-        key = cache_key(model, messages, params)
+        await self._ensure_reachable()  # before any cache hit: a rejected key is never hidden by the cache
+        key = cache_key(self.config.base_url, model, messages, params)
         hit = self._cache_get(key)
         if hit is not None:
             self.usage.cached += 1
             return hit
-        await self._ensure_reachable()
         completion = await self._complete_with_retries(model, messages, params)
         self._cache_put(key, completion)
         return completion
@@ -250,9 +269,11 @@ class LLMClient:
             try:
                 completion = await asyncio.wait_for(self._call(model, messages, params), self.config.timeout)
             except (_Retry, TimeoutError, openai.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
+                self._track_connection(exc)
                 last = self._classify(exc, model)
                 logger.debug("attempt %d failed: %s", attempt + 1, last)
                 continue
+            self._track_connection(None)
             completion.attempts = attempt + 1
             self.usage.calls += 1
             self.usage.prompt_tokens += completion.prompt_tokens
@@ -261,6 +282,25 @@ class LLMClient:
             return completion
         self.usage.failures += 1
         raise LLMError(f"gave up after {self.config.max_retries + 1} attempts: {last}")
+
+    def _track_connection(self, exc: Exception | None) -> None:
+        """The circuit breaker: count attempts that could not talk to the server; any answer resets it.
+
+        Raises:
+            LLMFatalError: The endpoint went away (see ``LLMConfig.breaker_errors``/``breaker_seconds``).
+        """
+        if exc is None or not _is_connection_error(exc):
+            self._down_since, self._connection_errors = None, 0  # the server answered (even a 429 or 500)
+            return
+        now = time.monotonic()
+        self._down_since = self._down_since or now
+        self._connection_errors += 1
+        if self._connection_errors >= self.config.breaker_errors and now - self._down_since >= self.config.breaker_seconds:
+            raise LLMFatalError(
+                f"the endpoint {self.config.base_url} went away: {self._connection_errors} attempts in a row over "
+                f"{now - self._down_since:.0f}s could not connect ({_describe(exc)}). Finished answers are saved; "
+                "run the same command again once the endpoint is back to continue where this run stopped"
+            ) from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]; at least Retry-After."""
@@ -336,7 +376,11 @@ class LLMClient:
         )
 
     async def _ensure_reachable(self) -> None:
-        """Before the first network call: checks that the server answers and accepts the key."""
+        """Before the first answer (cached or not): checks that the server answers and accepts the key.
+
+        A refused connection (nothing listens on that port) fails at once; other connection
+        errors and timeouts are retried with backoff.
+        """
         async with self._check_lock:
             if self._checked:
                 return
@@ -350,8 +394,8 @@ class LLMClient:
                 except openai.APIStatusError:
                     break  # some servers have no /models; the server did answer
                 except (TimeoutError, openai.APIConnectionError, httpx2.HTTPError) as exc:
-                    if attempt == self.config.max_retries:
-                        raise LLMFatalError(f"cannot reach {self.config.base_url}: {exc or type(exc).__name__}") from None
+                    if attempt == self.config.max_retries or _refused(exc):
+                        raise LLMFatalError(f"cannot reach {self.config.base_url}: {_describe(exc)}") from None
                     await asyncio.sleep(self._backoff(attempt + 1, None))
                     continue
                 break
@@ -377,6 +421,31 @@ class LLMClient:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{self._rng.getrandbits(32):08x}.tmp")
         tmp.write_text(json.dumps(asdict(completion), ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)  # atomic: readers see the whole entry or none
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """True when an attempt never got an answer from the server (refused, reset, DNS; not a timeout)."""
+    return isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)) and not isinstance(
+        exc, (openai.APITimeoutError, httpx2.TimeoutException))
+
+
+def _causes(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _refused(exc: BaseException) -> bool:
+    """True when the connection was refused: nothing listens on that host and port."""
+    return any(isinstance(e, ConnectionRefusedError) or "connection refused" in str(e).lower() for e in _causes(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason for a connection failure: the innermost cause that says something."""
+    if _refused(exc):
+        return "connection refused: nothing listens there (is the server running?)"
+    messages = [str(e) for e in _causes(exc) if str(e)]
+    return messages[-1] if messages else type(exc).__name__
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
@@ -559,7 +628,8 @@ async def arun_requests(
     summary = RunSummary(skipped=sum(request.key in done for request in requests))
     start, usage_before = time.perf_counter(), asdict(client.usage)
     out, failures = JsonlAppender(out_path), JsonlAppender(failures_path)
-    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req")
+    # delay: no bar for a run that stops at once (a refused connection, a rejected key): the error is the one line.
+    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req", delay=0.5)
     try:
         async with client:
             workers = [

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -155,13 +156,15 @@ class ScriptedServer:
         self._loop.close()
 
     async def _list_models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "invalid api key", "authentication_error")
         names = self.models or ("mock",)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "brandcopy"} for name in names]
         return web.json_response({"object": "list", "data": data})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if not self._authorized(request):
             return _error(401, "invalid api key", "authentication_error")
         try:
             body = await request.json()
@@ -181,6 +184,10 @@ class ScriptedServer:
         if body.get("stream"):
             return await self._stream(request, body, text, fault)
         return self._json_answer(body, text, fault)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """Whether the request carries the key (always, when the server has none); /models checks it too, as OpenAI's does."""
+        return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     def _next_answer(self, body: dict) -> tuple[str, str | None]:
         """Returns (text, fault or None) for this request."""
@@ -264,12 +271,18 @@ def _http_fault(fault: str, retry_after: float) -> web.Response:
 
 
 def serve(server: ScriptedServer) -> None:
-    """Runs a server in the foreground until Ctrl-C (the ``brandcopy data serve-mock`` command)."""
+    """Runs a server in the foreground until SIGINT (Ctrl-C) or SIGTERM (the ``brandcopy data serve-mock`` command).
+
+    Both signals get explicit handlers: a background job of a non-interactive shell starts with
+    SIGINT ignored, and would otherwise never stop on it.
+    """
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     server.start()
     print(f"scripted OpenAI-compatible server at {server.url} (Ctrl-C stops it)", flush=True)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.2):  # a timed wait: the handler runs between two waits at the latest
+            pass
     finally:
         server.stop()

@@ -40,6 +40,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from brandcopy.backend import import_unsloth, resolve_backend
+from brandcopy.config import weights_follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def build_tiny_model(
     model = _tiny_qwen2(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
+    weights_follow_umask(out_dir, out_dir / "config.json")
     return out_dir
 
 

@@ -13,25 +13,31 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from brandcopy.config import atomic_write_text, config_dict, save_config
+from brandcopy.config import NotUTF8Error, atomic_write_text, config_dict, read_text, save_config, weights_follow_umask
 
 PACKAGES = ("brandcopy", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "vllm")
-DATA_KINDS = {  # data file kind -> fields each row must have
-    "sft": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "grpo": ("prompt", "product_id", "content_type"),
+DATA_KINDS = {  # data file kind -> each row's fields and what they hold
+    "sft": {"messages": "messages"},
+    "preference": {"prompt": "messages", "chosen": "messages", "rejected": "messages"},
+    "grpo": {"prompt": "messages", "product_id": "text", "content_type": "text"},
 }
+_STARTING: dict[Path, object] = {}  # stage folder -> config of a run starting afresh, until its training starts
+CHECKPOINT_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # what a resume reads besides the weights
 
 
 class StageInputError(FileNotFoundError):
     """A stage's input (an earlier stage or a data file) is missing or empty."""
+
+
+class DataFileError(ValueError):
+    """A data file a stage reads is not what it should be; the message names file, line and field."""
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -65,52 +71,86 @@ def data_file(data_dir: str | Path, kind: str, split: str) -> Path:
     return Path(data_dir) / f"{kind}_{split}.jsonl"
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] | dict[str, str] = ()) -> list[dict]:
     """Read a JSONL file, checking every row is an object with the required fields.
+
+    Args:
+        path: The file (UTF-8; a BOM is dropped).
+        required: Field names, or field name -> what it must hold: ``"messages"`` (a non-empty list
+            of ``{role, content}`` chat messages) or ``"text"`` (a non-empty string).
 
     Raises:
         StageInputError: The file is missing or has no rows.
-        ValueError: A line is not JSON or lacks a field; the message names file, line and field.
+        DataFileError: The file is not UTF-8, or a line is not a JSON object, lacks a field or
+            holds the wrong kind of value; the message names file, line and field.
     """
     path = Path(path)
     if not path.is_file():
         raise StageInputError(f"{path}: data file not found (export the data with `brandcopy data export`)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = read_text(path)
+    except NotUTF8Error as err:
+        raise DataFileError(str(err)) from None
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON: {err}") from err
-        missing = [name for name in required if not isinstance(row, dict) or name not in row]
+            raise DataFileError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}): a truncated "
+                             "or hand-edited file? export it again with `brandcopy data export`") from None
+        if not isinstance(row, dict):
+            raise DataFileError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        missing = [name for name in required if name not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: missing field '{missing[0]}'")
-        rows.append(row)
+            raise DataFileError(f"{path}:{number}: missing field '{missing[0]}'")
+        rows.append((number, row))
+    for number, row in rows:  # the values once every line has its fields: a wrong schema is named first
+        for name, kind in (required.items() if isinstance(required, dict) else ()):
+            problem = _field_problem(row[name], kind)
+            if problem:
+                raise DataFileError(f"{path}:{number}: field '{name}': {problem}")
     if not rows:
         raise StageInputError(f"{path}: no rows for this split")
-    return rows
+    return [row for _, row in rows]
+
+
+def _field_problem(value, kind: str) -> str | None:
+    """What is wrong with a data-file value of the given kind (None: nothing)."""
+    if kind == "text":
+        return None if isinstance(value, str) and value.strip() else f"expected a non-empty string, got {value!r:.60}"
+    if not isinstance(value, list) or not value:
+        return f"expected a non-empty list of {{role, content}} messages, got {type(value).__name__} {value!r:.60}"
+    for index, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            return f"message {index} is not {{\"role\": str, \"content\": str}}: {message!r:.60}"
+    return None
 
 
 def load_split(data_dir: str | Path, kind: str, split: str):
-    """Load one exported data file as a ``datasets.Dataset`` (see ``read_jsonl`` for errors)."""
+    """Load one exported data file as a ``datasets.Dataset`` (see ``read_jsonl`` for errors; fields checked per kind)."""
     from datasets import Dataset
 
     return Dataset.from_list(read_jsonl(data_file(data_dir, kind, split), DATA_KINDS[kind]))
 
 
 def begin_stage(cfg) -> str | None:
-    """Prepare ``cfg.out_dir`` for a (re)run.
+    """Prepare ``cfg.out_dir`` for a (re)run and say on the console what happens to it.
 
-    An interrupted run (checkpoints, no manifest) resumes from its last checkpoint when
-    ``cfg.resume``; a finished stage run again starts over. The old manifest is removed first,
-    so the folder reads as unfinished until this run completes.
+    - An interrupted run (checkpoints, no manifest) resumes from its newest complete checkpoint
+      when ``cfg.resume``; torn checkpoints (a kill during a save) are reported and removed.
+    - A finished stage run again starts over, but nothing of the finished run is touched until
+      the new run's training starts (``MetricsCallback.on_train_begin`` replaces it then): a
+      rerun that fails while loading the model or building the trainer leaves it as it was.
+    - A new stage folder is not created here either: a run that fails before training leaves
+      nothing behind. Its ``config.yaml`` is written when training starts.
 
     Also seeds every RNG with ``cfg.seed``, so the LoRA initialisation (done before the trainer
     seeds anything) is the same in every run.
 
     Returns:
-        The last checkpoint to resume from, or None.
+        The checkpoint to resume from, or None.
     """
     from accelerate import PartialState
     from transformers import set_seed
@@ -125,19 +165,95 @@ def begin_stage(cfg) -> str | None:
 
 def _prepare_stage_dir(cfg) -> str | None:
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    finished = is_complete(out)
-    (out / "manifest.json").unlink(missing_ok=True)
+    if is_complete(out) or not out.exists():
+        _STARTING[out] = cfg  # written, and a finished run replaced, by MetricsCallback.on_train_begin
+        if is_complete(out):
+            say(f"{cfg.stage}: {out} holds a finished run; it stays untouched until the new run starts training, "
+                "and is replaced then")
+        return None
     checkpoints = out / "checkpoints"
-    interrupted = cfg.resume and not finished and checkpoints.is_dir()
-    resume_from = get_last_checkpoint(str(checkpoints)) if interrupted else None
+    resume_from = last_complete_checkpoint(checkpoints) if cfg.resume and checkpoints.is_dir() else None
     if resume_from is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     else:
         trim_metrics(out / "metrics.jsonl", checkpoint_step(resume_from))
+        say(f"{cfg.stage}: resuming the interrupted run from step {checkpoint_step(resume_from)} ({resume_from})")
     save_config(cfg, out / "config.yaml")
     return resume_from
+
+
+def say(message: str) -> None:
+    """One line on the console about what happens to a stage folder (main process only)."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def start_training(stage: Path) -> None:
+    """Training starts in ``stage``: replace the finished run kept there until now, and write ``config.yaml``.
+
+    The old manifest goes first, so from here on the folder reads as unfinished (and a kill
+    resumes from the new run's checkpoints); the old metrics, curve and checkpoints follow. Does
+    nothing for a resumed run (``begin_stage`` wrote its config) or a trainer outside a stage.
+    """
+    cfg = _STARTING.pop(Path(stage), None)
+    if cfg is None:
+        return
+    if is_complete(stage):
+        say(f"{cfg.stage}: training started; replacing the finished run in {stage}")
+        (stage / "manifest.json").unlink()
+    shutil.rmtree(stage / "checkpoints", ignore_errors=True)  # the trainer makes the folder again when it saves
+    for name in ("metrics.jsonl", "curve.png"):
+        (stage / name).unlink(missing_ok=True)
+    save_config(cfg, stage / "config.yaml")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a ``checkpoint-<step>`` folder cannot be resumed from, or None when it is complete.
+
+    Checks what ``Trainer.train(resume_from_checkpoint=...)`` reads: ``trainer_state.json`` (valid
+    JSON), the optimizer and scheduler archives (whole zip files, as ``torch.save`` writes them)
+    and the weights (every ``*.safetensors`` file opens: its header matches the file's length).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for name in CHECKPOINT_STATE_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "trainer_state.json is torn (not valid JSON)"
+    for name in CHECKPOINT_STATE_FILES[1:]:
+        if not zipfile.is_zipfile(path / name):
+            return f"{name} is torn (not a whole torch archive)"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    for weight in weights:
+        try:
+            with safe_open(str(weight), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{weight.name} is torn ({err})"
+    return None
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest complete ``checkpoint-<step>`` in ``checkpoints``; incomplete ones are reported and removed.
+
+    A kill during a save leaves a checkpoint folder that is empty or holds a torn file; resuming
+    from it fails, so it is skipped (and deleted: the resumed run saves that step again).
+    """
+    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()),
+                   key=checkpoint_step, reverse=True)
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        say(f"skipping incomplete checkpoint {path} ({problem}): removed it")
+        shutil.rmtree(path)
+    return None
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -146,17 +262,26 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after ``step``: a resumed run logs those steps again."""
+    """Drop metric rows logged after ``step`` (a resumed run logs those steps again) and a torn last line."""
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_metrics(path)
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= step))
 
 
 class MetricsCallback(TrainerCallback):
-    """Append every log event (loss, eval metrics, rewards) to a JSONL file, one line per event."""
+    """Append every log event (loss, eval metrics, rewards) to a JSONL file, one line per event.
+
+    Every stage's trainer has one, logging into the stage folder; so it also marks the moment
+    training starts, when a finished run of the stage being rerun is replaced (``begin_stage``).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The first moment of training: a finished run this one reruns is replaced now, not earlier."""
+        if state.is_world_process_zero:
+            start_training(self.path.parent)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -167,11 +292,28 @@ class MetricsCallback(TrainerCallback):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl file (empty when the file does not exist)."""
+    """Rows of a metrics.jsonl file (empty when the file does not exist).
+
+    A last line without its newline that is not valid JSON was torn by a kill mid-write: it is
+    left out, as ``llm.read_jsonl_records`` does. Any other bad line is an error.
+
+    Raises:
+        ValueError: A complete line is not valid JSON (file and line named).
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")  # a torn last line may end mid-character
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not valid JSON") from None
+    return rows
 
 
 def metric_series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -276,7 +418,9 @@ def write_manifest(cfg, data_files: list[Path], extra: dict | None = None) -> Pa
         "config": config_dict(cfg),
         **(extra or {}),
     }
-    return atomic_write_text(cfg.out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+    path = atomic_write_text(cfg.out_dir / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2))
+    weights_follow_umask(cfg.out_dir, path)
+    return path
 
 
 def on_gpu() -> bool:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,8 +171,75 @@ def test_works_inside_a_running_event_loop(tmp_path):
 
 def test_missing_key_variable_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("BRANDCOPY_NO_SUCH_KEY", raising=False)
-    with pytest.raises(LLMConfigError, match="BRANDCOPY_NO_SUCH_KEY is not set"):
+    with pytest.raises(LLMConfigError, match="BRANDCOPY_NO_SUCH_KEY is not set.*--api-key-env NAME"):
         LLMClient(LLMConfig(api_key_env="BRANDCOPY_NO_SUCH_KEY"))
+    with pytest.raises(LLMConfigError, match="concurrency must be at least 1"):
+        LLMConfig(concurrency=0)
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_connection_refused_fails_fast_with_the_default_retries(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    config = LLMConfig(model="mock", base_url=url, api_key_env=None, cache_dir=None)  # 6 retries, 1 s backoff
+    start = time.perf_counter()
+    with pytest.raises(LLMFatalError, match=rf"cannot reach {url}: connection refused"):
+        run_requests(LLMClient(config), echo_requests(3), tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "o.jsonl").read_text(encoding="utf-8")
+
+
+def test_server_killed_mid_run_trips_the_breaker_then_the_run_resumes(tmp_path):
+    out, failures = tmp_path / "out.jsonl", tmp_path / "failures.jsonl"
+    config = dict(concurrency=4, timeout=5.0, max_retries=6, backoff_base=0.2, backoff_cap=1.0, breaker_seconds=1.0)
+    server = ScriptedServer(latency=0.02).start()
+    port = server.port
+
+    def kill_after_some_answers():
+        while not out.exists() or out.read_bytes().count(b"\n") < 10:  # read only: the run is appending
+            time.sleep(0.01)
+        server.stop()
+
+    killer = threading.Thread(target=kill_after_some_answers, daemon=True)
+    killer.start()
+    start = time.perf_counter()
+    with pytest.raises(LLMFatalError, match="went away.*run the same command again"):
+        run_requests(LLMClient(fast_config(server, **config)), echo_requests(300), out, failures)
+    assert time.perf_counter() - start < 20
+    killer.join(10)
+    done = lines(out)
+    assert 10 <= len(done) < 300
+    assert all(record["text"] == f"收到：问题{record['meta']['i']}" for record in done)  # no placeholder
+    assert lines(failures) == []  # no request was written off because the server went away
+
+    with ScriptedServer(port=port) as restarted:  # the same endpoint is back
+        summary = run_requests(LLMClient(fast_config(restarted, **config)), echo_requests(300), out, failures)
+    assert summary.skipped == len(done) and summary.produced == 300 - len(done)
+    assert sorted(record["key"] for record in lines(out)) == sorted(f"k{i}" for i in range(300))
+
+
+def test_cache_is_keyed_by_endpoint_and_never_hides_a_rejected_key(tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    with ScriptedServer(responder=lambda body: "甲服务器的回答") as first:
+        run_requests(LLMClient(fast_config(first, cache_dir=cache)), echo_requests(5), tmp_path / "a.jsonl", tmp_path / "fa.jsonl")
+    with ScriptedServer(responder=lambda body: "乙服务器的回答") as second:  # same model name, another server
+        summary = run_requests(LLMClient(fast_config(second, cache_dir=cache)), echo_requests(5), tmp_path / "b.jsonl", tmp_path / "fb.jsonl")
+    assert summary.usage["cached"] == 0 and {r["text"] for r in lines(tmp_path / "b.jsonl")} == {"乙服务器的回答"}
+
+    monkeypatch.setenv("BRANDCOPY_TEST_KEY", "sk-right")
+    with ScriptedServer(api_key="sk-right") as guarded:
+        config = fast_config(guarded, cache_dir=cache, api_key_env="BRANDCOPY_TEST_KEY")
+        run_requests(LLMClient(config), echo_requests(5), tmp_path / "c.jsonl", tmp_path / "fc.jsonl")
+        monkeypatch.setenv("BRANDCOPY_TEST_KEY", "sk-revoked")  # every answer is cached now; the key is bad
+        with pytest.raises(LLMFatalError, match=r"rejected the key from \$BRANDCOPY_TEST_KEY \(401\)"):
+            run_requests(LLMClient(config), echo_requests(5), tmp_path / "d.jsonl", tmp_path / "fd.jsonl")
+        assert guarded.stats["requests"] == 5  # the check is GET /models: no chat request was paid for
+    assert not (tmp_path / "d.jsonl").read_text(encoding="utf-8")
 
 
 def test_unreachable_server_is_fatal_and_keeps_finished_work(tmp_path):

@@ -1,6 +1,11 @@
 """The scripted OpenAI-compatible server speaks the protocol and injects each fault as specified."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx2
 import openai
@@ -114,20 +119,20 @@ def test_unknown_fault_kind_is_an_error():
         Faults(kinds=("rate_limit", "meteor"))
 
 
-def test_serve_mock_command_serves_until_interrupted():
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_mock_command_serves_until_interrupted(signum):
+    """Stops cleanly on Ctrl-C and on SIGTERM, also when started with SIGINT ignored (a background job of a script)."""
     repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "brandcopy.cli", "data", "serve-mock", "--port", "0", "--brand", ""]
-    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(repo)})
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731 - what `cmd &` in a script does
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
+                               env=os.environ | {"PYTHONPATH": str(repo)})
     try:
         url = process.stdout.readline().split()[-4]
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=5)
         assert client.chat.completions.create(model="any", messages=[{"role": "user", "content": "在吗"}]).choices[0].message.content == "收到：在吗"
-    finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         assert process.wait(10) == 0
+    finally:
+        process.kill()  # whatever happened above, no server is left running
+        process.wait()

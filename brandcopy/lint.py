@@ -260,7 +260,7 @@ def _quoted_and_refuted(norm, start, end):
         right = norm.find(closing, end, end + 40)
         if right == -1:
             continue
-        if _REFUTE_AFTER.search(norm[right + 1:right + 16]) or _REFUTE_BEFORE.search(norm[max(0, left - 12):left]):
+        if _REFUTE_AFTER.search(norm[right + 1:right + 30]) or _REFUTE_BEFORE.search(norm[max(0, left - 12):left]):
             return True
     return False
 
@@ -363,12 +363,22 @@ def _product_has(brand, product, name):
     return any(product.material(member) for member in (entry.covers or (name,)))
 
 
+def _inside_longer(match, pattern, norm):
+    """True when ``match`` lies inside a longer match of another vocabulary (茉莉花 in the aroma 茉莉花香)."""
+    if pattern is None:
+        return False
+    for other in pattern.finditer(norm, max(0, match.start() - 8), min(len(norm), match.end() + 8)):
+        if other.start() <= match.start() and match.end() <= other.end() and other.end() - other.start() > match.end() - match.start():
+            return True
+    return False
+
+
 def _check_materials(text, norm, rules, brand, product):
     violations = []
     word = brand.composition.material_word
     for m in rules.materials.finditer(norm):
         name = rules.alias_to_material[m.group()]
-        if _part_of_longer_name(norm, m.start(), m.end(), rules):
+        if _part_of_longer_name(norm, m.start(), m.end(), rules) or _inside_longer(m, rules.values, norm):
             continue
         if not _product_has(brand, product, name):
             endogenous = brand.composition.materials[name].endogenous and _endogenous(norm, m.start(), m.end(), rules)
@@ -477,10 +487,9 @@ def _contrasted(norm, start, end, rules):
 def _check_values(text, norm, rules, brand, product):
     if rules.values is None:
         return []
-    taken = [(m.start(), m.end()) for m in rules.materials.finditer(norm)]
     violations = []
     for m in rules.values.finditer(norm):
-        if any(s < m.end() and m.start() < e for s, e in taken):  # 福鼎 inside the material 福鼎大白茶
+        if _inside_longer(m, rules.materials, norm):  # 福鼎 inside the material 福鼎大白茶
             continue
         fact_id, value = rules.phrase_to_value[m.group()]
         spec, own = brand.facts[fact_id], product.facts.get(fact_id)

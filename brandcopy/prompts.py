@@ -30,9 +30,9 @@ def system_prompt(brand):
     )
 
 
-def _material_line(material, spec):
+def _material_line(material, spec, alone):
     detail = [material.note] if material.note else []
-    if material.share is None:
+    if material.share is None and not alone:  # a part of one material needs no share
         detail.append(spec.undisclosed)
     text = material.name if material.share is None else f"{material.name} {material.share:g}%"
     return f"{text}（{'，'.join(detail)}）" if detail else text
@@ -48,7 +48,7 @@ def product_facts(product):
     lines = [f"品类：{product.category}"]
     for part in product.composition:
         label = schema.composition.label if len(product.composition) == 1 else f"{schema.composition.label}（{part.name}）"
-        lines.append(f"{label}：{'；'.join(_material_line(m, schema.composition) for m in part.materials)}")
+        lines.append(f"{label}：{'；'.join(_material_line(m, schema.composition, len(part.materials) == 1) for m in part.materials)}")
     if product.claims:
         lines.append(f"{schema.wording.claims_label}：{'、'.join(product.claims)}")
     lines += [f"{spec.label}：{spec.display(product.facts[key])}" for key, spec in schema.facts.items() if key in product.facts]

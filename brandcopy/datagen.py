@@ -249,6 +249,12 @@ def _mentions(brand, product, text) -> list[tuple[int, int, str]]:
     return sorted(found)
 
 
+def _material_spans(brand, text) -> list[tuple[int, int]]:
+    """Spans of every lexicon material's name or alias in ``text``."""
+    forms = {form for entry in brand.composition.materials.values() for form in (entry.name, *entry.aliases)}
+    return [(m.start(), m.end()) for form in forms for m in re.finditer(re.escape(form), text)]
+
+
 def foreign_materials(brand, product) -> list[str]:
     """Lexicon materials this product does not contain (nor covers), sorted."""
     own = {m.name for m in product.materials}
@@ -309,12 +315,12 @@ def _value_edits(brand, product, text, names) -> list[tuple[int, int, str]]:
 def alter_fact(brand, sample: dict, rng: random.Random) -> str | None:
     """Changes one stated fact to another plausible value of its type, never inside a name: a share
     or a number to a nearby wrong one within the fact's range (5% -> 4%, 1200米 -> 1440米), an enum
-    or set value to another value of that fact (中焙火 -> 重焙火). Returns the first edit lint catches."""
+    or set value to another value of that fact (中焙火 -> 足火). Returns the first edit lint catches."""
     product, text = brand.product(sample["product_id"]), sample["text"]
     names = name_spans(brand, text)
     candidates = [(s, e, f"{wrong:g}") for s, e, value, low, high in _number_edits(brand, product, text, names)
                   if (wrong := _nearby(value, low, high, rng)) is not None]
-    candidates += _value_edits(brand, product, text, names)
+    candidates += _value_edits(brand, product, text, names + _material_spans(brand, text))  # 福鼎 in 福鼎大白茶 stays
     rng.shuffle(candidates)
     for start, end, replacement in candidates:
         edited = text[:start] + replacement + text[end:]

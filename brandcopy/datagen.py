@@ -34,7 +34,7 @@ from pathlib import Path
 from brandcopy import prompts
 from brandcopy.brand import load_golden, read_records
 from brandcopy.config import atomic_write_text
-from brandcopy.lint import FACT_KINDS, lint_text
+from brandcopy.lint import FACT_KINDS, lint_text, name_spans
 from brandcopy.llm import LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
 from brandcopy.mockserver import ScriptedServer
 
@@ -244,41 +244,100 @@ def clean(client: LLMClient, brand, in_path: str | Path, data_dir: str | Path, p
 # --- 3. preference negatives -------------------------------------------------------------------
 
 
-def _mentions(brand, product) -> list[tuple[str, str]]:
-    """(surface form, canonical name) of the product's ingredients, longest surface first."""
-    forms = []
-    for ingredient in product.ingredients:
-        entry = brand.ingredient_lexicon[ingredient.name]
-        forms += [(form, ingredient.name) for form in (ingredient.name, *entry.aliases)]
-    return sorted(forms, key=lambda pair: -len(pair[0]))
+def _outside(spans, start, end):
+    return not any(s < end and start < e for s, e in spans)
 
 
-def foreign_ingredients(brand, product) -> list[str]:
-    """Lexicon ingredients this product does not contain (nor covers), sorted."""
-    own = {ingredient.name for ingredient in product.ingredients}
-    return sorted(name for name, entry in brand.ingredient_lexicon.items() if name not in own and not own & set(entry.covers))
+def _mentions(brand, product, text) -> list[tuple[int, int, str]]:
+    """(start, end, canonical name) of the product's materials in ``text``, outside the brand's and products' names."""
+    names = name_spans(brand, text)
+    forms = sorted({form: m.name for m in product.materials for form in (m.name, *brand.composition.materials[m.name].aliases)}.items(),
+                   key=lambda pair: -len(pair[0]))
+    found = []
+    for form, name in forms:
+        for m in re.finditer(re.escape(form), text):
+            if _outside(names, m.start(), m.end()) and _outside([(s, e) for s, e, _ in found], m.start(), m.end()):
+                found.append((m.start(), m.end(), name))
+    return sorted(found)
 
 
-def swap_ingredient(brand, sample: dict, rng: random.Random) -> str | None:
-    """Replaces the first mentioned ingredient with one the product does not contain."""
+def _material_spans(brand, text) -> list[tuple[int, int]]:
+    """Spans of every lexicon material's name or alias in ``text``."""
+    forms = {form for entry in brand.composition.materials.values() for form in (entry.name, *entry.aliases)}
+    return [(m.start(), m.end()) for form in forms for m in re.finditer(re.escape(form), text)]
+
+
+def foreign_materials(brand, product) -> list[str]:
+    """Lexicon materials this product does not contain (nor covers), sorted."""
+    own = {m.name for m in product.materials}
+    return sorted(name for name, entry in brand.composition.materials.items() if name not in own and not own & set(entry.covers))
+
+
+def swap_material(brand, sample: dict, rng: random.Random) -> str | None:
+    """Replaces the first mention of one of the product's materials (never inside a name) with one it does not contain."""
     product, text = brand.product(sample["product_id"]), sample["text"]
-    found = [(text.find(form), form) for form, _ in _mentions(brand, product) if form in text]
-    if not found:
+    found, foreign = _mentions(brand, product, text), foreign_materials(brand, product)
+    if not found or not foreign:
         return None
-    _, form = min(found)
-    return text.replace(form, rng.choice(foreign_ingredients(brand, product)), 1)
+    start, end, _ = found[0]
+    return text[:start] + rng.choice(foreign) + text[end:]
 
 
-def alter_concentration(brand, sample: dict, rng: random.Random) -> str | None:
-    """Changes one stated concentration (``5%`` -> ``10%``) to a value the catalog does not give."""
-    product, text = brand.product(sample["product_id"]), sample["text"]
-    for ingredient in product.ingredients:
-        if ingredient.concentration is None:
+def _nearby(value: float, low: float, high: float, rng: random.Random) -> float | None:
+    """A plausible wrong value close to ``value``: one or two steps of ~20% away, within [low, high]."""
+    step = max(round(value * 0.2), 1) if value >= 5 else max(round(value * 0.2, 1), 0.1)
+    options = [round(v, 2) for v in (value - step, value + step, value - 2 * step, value + 2 * step) if low < v <= high and v != value]
+    return rng.choice(options) if options else None
+
+
+def _number_edits(brand, product, text, names) -> list[tuple[int, int, float, float, float]]:
+    """(start, end, value, low, high) of the catalog's numbers written in ``text``: shares and number facts."""
+    edits = []
+    for material in product.materials:
+        if material.share is not None:
+            edits += [(m.start(1), m.end(1), material.share, 0.0, 100.0)
+                      for m in re.finditer(rf"(?<![\d.])({material.share:g})\s*%", text) if _outside(names, m.start(), m.end())]
+    for key, spec in brand.facts.items():
+        value = product.facts.get(key)
+        if spec.type != "number" or value is None:
             continue
-        pattern = re.compile(rf"(?<![\d.]){re.escape(ingredient.concentration)}")
-        if pattern.search(text):
-            value = float(ingredient.concentration.rstrip("%")) * rng.choice((2, 3, 0.5))
-            return pattern.sub(f"{value:g}%", text, count=1)
+        for number in (value if isinstance(value, tuple) else (float(str(value).rstrip("+")),)):
+            units = "|".join(re.escape(u) for u in spec.units) or "|".join(re.escape(p) for p in spec.phrases)
+            pattern = rf"(?<![\d.])({number:g})(?=\s*(?:{units}))" if spec.units else rf"(?i)(?:{units})\s*({number:g})(?![\d.])"
+            edits += [(m.start(1), m.end(1), number, *spec.range) for m in re.finditer(pattern, text) if _outside(names, m.start(), m.end())]
+    return edits
+
+
+def _value_edits(brand, product, text, names) -> list[tuple[int, int, str]]:
+    """(start, end, replacement) turning a mention of the product's enum or set value into another value of that fact."""
+    edits = []
+    for key, spec in brand.facts.items():
+        own = product.facts.get(key)
+        if spec.type not in ("enum", "set") or own is None:
+            continue
+        own_values = {own} if spec.type == "enum" else set(own)
+        others = [v for v in spec.values if v not in own_values]
+        for value in own_values & set(spec.values):
+            for phrase in spec.values[value]:
+                edits += [(m.start(), m.end(), spec.values[other][0]) for m in re.finditer(re.escape(phrase), text)
+                          for other in others[:3] if _outside(names, m.start(), m.end())]
+    return edits
+
+
+def alter_fact(brand, sample: dict, rng: random.Random) -> str | None:
+    """Changes one stated fact to another plausible value of its type, never inside a name: a share
+    or a number to a nearby wrong one within the fact's range (5% -> 4%, 1200米 -> 1440米), an enum
+    or set value to another value of that fact (中焙火 -> 足火). Returns the first edit lint catches."""
+    product, text = brand.product(sample["product_id"]), sample["text"]
+    names = name_spans(brand, text)
+    candidates = [(s, e, f"{wrong:g}") for s, e, value, low, high in _number_edits(brand, product, text, names)
+                  if (wrong := _nearby(value, low, high, rng)) is not None]
+    candidates += _value_edits(brand, product, text, names + _material_spans(brand, text))  # 福鼎 in 福鼎大白茶 stays
+    rng.shuffle(candidates)
+    for start, end, replacement in candidates:
+        edited = text[:start] + replacement + text[end:]
+        if violation_kinds(brand, edited, sample["content_type"], sample["product_id"]) & FACT_KINDS:
+            return edited
     return None
 
 
@@ -304,8 +363,8 @@ def truncate(brand, sample: dict, rng: random.Random) -> str | None:
 
 
 OFFLINE_NEGATIVES = {  # kind -> (make, family, lint kinds it must trigger; () = no requirement)
-    "swap_ingredient": (swap_ingredient, "fake", FACT_KINDS),
-    "alter_concentration": (alter_concentration, "fake", FACT_KINDS),
+    "swap_material": (swap_material, "fake", FACT_KINDS),
+    "alter_fact": (alter_fact, "fake", FACT_KINDS),
     "insert_banned": (insert_banned, "exaggerated", EXAGGERATION_KINDS),
     "drop_cta": (drop_cta, "weak", ("missing_cta",)),
     "truncate": (truncate, "weak", ()),
@@ -360,7 +419,7 @@ def negative_requests(brand, samples: list[dict], seed: int = 0, weak_model: str
         elif family == "exaggerated":
             messages = prompts.exaggerated_messages(brand, pid, ct, s["text"])
         else:
-            foreign = random.Random(f"{seed}:{s['id']}:foreign").choice(foreign_ingredients(brand, brand.product(pid)))
+            foreign = random.Random(f"{seed}:{s['id']}:foreign").choice(foreign_materials(brand, brand.product(pid)))
             messages = prompts.fake_messages(brand, pid, ct, s["text"], foreign)
         meta = {"product_id": pid, "content_type": ct, "family": family, "chosen_id": s["id"], "chosen": s["text"]}
         requests.append(Request(f"{s['id']}/llm_{family}", messages, params, meta))
@@ -378,7 +437,7 @@ def _negative_validator(brand):
         if meta["family"] == "exaggerated" and not kinds & set(EXAGGERATION_KINDS):
             return "反例没有出现禁用词、绝对化用语或多个感叹号，请加强夸张程度"
         if meta["family"] == "fake" and not kinds & set(FACT_KINDS):
-            return "反例没有与产品信息不符的成分、浓度或功效，请植入明确的事实错误"
+            return f"反例没有与产品信息不符的{brand.wording.fact_scope}，请植入明确的事实错误"
         return None
 
     return validate
@@ -391,7 +450,7 @@ def make_negatives(client: LLMClient | None, brand, in_path: str | Path, data_di
     Through the LLM (skipped when ``client`` is None): one per sample, 50% weak (a bare prompt,
     optionally ``weak_model``), 30% exaggerated, 20% fake; exaggerated and fake ones are verified
     to fail lint or the fact check (else repaired, then dropped to the failures file). Offline:
-    swap an ingredient, alter a concentration, insert banned words, drop the CTA, truncate.
+    swap a material, alter a fact, insert banned words, drop the CTA, truncate.
     Each record: ``id``, ``chosen_id``, ``product_id``, ``content_type``, ``kind``, ``family``
     (weak / exaggerated / fake), ``source`` (llm / offline), ``text``, ``violations``.
 
@@ -531,10 +590,16 @@ def golden_responder(brand, seed: int = 0):
         if task == prompts.EXAGGERATED:
             return insert_banned(brand, sample, rng)
         if task == prompts.FAKE:
-            return swap_ingredient(brand, sample, rng) or alter_concentration(brand, sample, rng) or sample["text"] + "另含5%视黄醇。"
+            return swap_material(brand, sample, rng) or alter_fact(brand, sample, rng) or sample["text"] + _foreign_line(brand, product_id)
         return by_pair.get((product_id, content_type), f"（示例服务器没有{product_id}的这类范文）")
 
     return respond
+
+
+def _foreign_line(brand, product_id):
+    """A sentence claiming a material the product does not contain (the fallback fake edit)."""
+    foreign = foreign_materials(brand, brand.product(product_id))
+    return f"另含{foreign[0]}。" if foreign else "（示例服务器无法植入事实错误）"
 
 
 @contextmanager

@@ -38,25 +38,26 @@ DIMENSION_NAMES = {
     "instruction": "指令遵循",
 }
 # What each dimension means for each family; the content type's own structure and length are
-# added to the prompt from content_types.yaml.
+# added to the prompt from content_types.yaml, and the fact words ({fact_scope}, {material},
+# {claim}, {composition}) come from the brand's wording (brand.yaml).
 FAMILY_RUBRICS = {
     "social": {
         "tone": "像品牌人设本人在分享：真诚、克制、有温度；遵守品牌语气规则，不用禁用词、不用绝对化用语。",
-        "accuracy": "成分、浓度、功效、适用肤质与产品资料完全一致；不编造资料里没有的成分、数字或功效。",
+        "accuracy": "{fact_scope}与产品资料完全一致；不编造资料里没有的{material}、数字或{claim}。",
         "structure": "按该内容类型的结构展开，段落清楚，篇幅在规定字数内；像一篇真实的社交媒体笔记，而不是说明书。",
         "persuasion": "有真实场景、细节或故事让读者信服，有自然的互动或收藏引导，不生硬推销、不制造焦虑。",
         "instruction": "写的是指定产品、指定内容类型，满足指令中的全部要求。",
     },
     "ecommerce": {
         "tone": "专业可信、条理清楚，符合品牌语气规则；不用禁用词、不用绝对化用语。",
-        "accuracy": "成分与浓度、功效、规格、用法、注意事项与产品资料完全一致；不编造任何信息。",
-        "structure": "按该内容类型的结构完整覆盖卖点、成分解析、使用方法、适用人群与注意事项，篇幅在规定字数内。",
+        "accuracy": "{fact_scope}以及规格、价格与产品资料完全一致；不编造任何信息。",
+        "structure": "按该内容类型的结构完整覆盖卖点、{composition}、使用方法、适用人群与注意事项，篇幅在规定字数内。",
         "persuasion": "卖点清楚、场景具体，给出充分的购买理由，并有明确的购买引导。",
         "instruction": "写的是指定产品、指定内容类型，满足指令中的全部要求。",
     },
     "paid_ad": {
         "tone": "短促有力但不夸张，符合品牌语气规则；不用禁用词、不用绝对化用语、不滥用感叹号。",
-        "accuracy": "广告中出现的成分、浓度、功效都能在产品资料中找到依据；不做资料不支持的承诺。",
+        "accuracy": "广告中出现的{fact_scope}都能在产品资料中找到依据；不做资料不支持的承诺。",
         "structure": "严格遵循该广告框架（如痛点-放大-解决、特性-优势-利益、前后对比）的顺序，篇幅在规定字数内。",
         "persuasion": "开头抓人、利益点明确，结尾有清晰、具体的行动号召（CTA）；缺少 CTA 最高只能得 2 分。",
         "instruction": "写的是指定产品、指定广告类型，满足指令中的全部要求。",
@@ -150,12 +151,18 @@ def fact_sheet(product) -> str:
     return f"产品编号：{product.id}\n产品名称：{product.name}\n{product_facts(product)}"
 
 
+def _fact_words(brand) -> dict[str, str]:
+    """The brand's words for the rubric's fact placeholders."""
+    return {"fact_scope": brand.wording.fact_scope, "material": brand.composition.material_word,
+            "claim": brand.wording.claim_word, "composition": brand.composition.label}
+
+
 def _rubric(brand, content_type: str) -> str:
     """Brand rules, the content type's spec and the family's five dimensions."""
     spec = brand.content_type(content_type)
     low, high = spec.length
     dims = "\n".join(
-        f"- {key}（{DIMENSION_NAMES[key]}）：{text}" for key, text in FAMILY_RUBRICS[spec.family].items()
+        f"- {key}（{DIMENSION_NAMES[key]}）：{text.format(**_fact_words(brand))}" for key, text in FAMILY_RUBRICS[spec.family].items()
     )
     structure = "；".join(spec.structure)
     return (

@@ -1,8 +1,9 @@
 """Every prompt string the library sends: system prompt, user instruction, chat messages.
 
-The user instruction carries the product facts (ingredients with concentrations, allowed claims,
-texture, usage, cautions) so that a fine-tuned model sees them at inference, exactly as in
-training. ``build_instruction`` is deterministic: golden.jsonl stores its output verbatim.
+The user instruction carries the product facts (composition with shares, allowed claims, the
+brand's typed facts, size and price) so that a fine-tuned model sees them at inference, exactly as
+in training. Labels and vocabulary come from the brand's folder (brand.yaml's ``wording``,
+``composition`` and ``facts``); nothing here is specific to one industry. ``build_instruction`` is deterministic: golden.jsonl stores its output verbatim.
 Generation, cleaning and negative prompts (datagen) are added below the chat section.
 """
 
@@ -17,41 +18,41 @@ def system_prompt(brand):
         The system message text.
     """
     rules = "\n".join(f"{i}. {rule}" for i, rule in enumerate(brand.tone_rules, start=1))
+    share, material = brand.composition.share_word, brand.composition.material_word
     return (
         f"你是{brand.name}（{brand.name_en}）的品牌文案撰写人。品牌理念：{brand.philosophy}。\n"
         f"人设：{brand.persona}\n"
         f"写作规则：\n{rules}\n"
         f"{len(brand.tone_rules) + 1}. {brand.exclamation_policy}\n"
-        f"{len(brand.tone_rules) + 2}. 只写产品信息中给出的成分、浓度和功效；产品信息未给出浓度的成分，不写浓度。\n"
+        f"{len(brand.tone_rules) + 2}. 只写产品信息中给出的{brand.wording.fact_scope}；"
+        f"产品信息未给出{share}的{material}，不写{share}。\n"
         f"{len(brand.tone_rules) + 3}. 直接输出文案正文，不加标题标签、Markdown符号或任何说明。"
     )
 
 
-def _ingredient_line(ingredient):
-    detail = [ingredient.note] if ingredient.note else []
-    if ingredient.concentration is None:
-        detail.append("浓度未公开")
-    text = ingredient.name if ingredient.concentration is None else f"{ingredient.name} {ingredient.concentration}"
+def _material_line(material, spec, alone):
+    detail = [material.note] if material.note else []
+    if material.share is None and not alone:  # a part of one material needs no share
+        detail.append(spec.undisclosed)
+    text = material.name if material.share is None else f"{material.name} {material.share:g}%"
     return f"{text}（{'，'.join(detail)}）" if detail else text
 
 
 def product_facts(product):
-    """The product facts block of an instruction, one fact per line, in Chinese."""
-    lines = [
-        f"品类：{product.category}",
-        f"管理类别：{product.registration}",
-        f"核心成分：{'；'.join(_ingredient_line(i) for i in product.ingredients)}",
-        f"可宣称功效：{'、'.join(product.claims)}",
-    ]
-    if product.spf:
-        lines.append(f"防晒指数：SPF{product.spf} PA{product.pa}")
-    lines += [
-        f"适用肤质：{'、'.join(product.skin_types)}",
-        f"质地：{product.texture}",
-        f"用法：{product.usage}",
-        f"注意事项：{'；'.join(product.cautions)}",
-        f"规格与价格：{product.size}，{product.price:g}元",
-    ]
+    """The product facts block of an instruction, one fact per line, with the brand's labels.
+
+    Order: category, composition (one line per part), claims, the brand's facts in brand.yaml
+    order (those the product states), size and price.
+    """
+    schema = product.schema
+    lines = [f"品类：{product.category}"]
+    for part in product.composition:
+        label = schema.composition.label if len(product.composition) == 1 else f"{schema.composition.label}（{part.name}）"
+        lines.append(f"{label}：{'；'.join(_material_line(m, schema.composition, len(part.materials) == 1) for m in part.materials)}")
+    if product.claims:
+        lines.append(f"{schema.wording.claims_label}：{'、'.join(product.claims)}")
+    lines += [f"{spec.label}：{spec.display(product.facts[key])}" for key, spec in schema.facts.items() if key in product.facts]
+    lines.append(f"规格与价格：{product.size}，{product.price:g}元")
     return "\n".join(f"- {line}" for line in lines)
 
 
@@ -110,7 +111,7 @@ def chat_messages(brand, product_id, content_type, text=None):
 GENERATE, REPAIR, EXAGGERATED, FAKE = "生成", "修改", "反例-夸大", "反例-失实"
 CLEAN_PASSES = {  # pass name -> (task label, what the rewrite must do)
     "markup": ("清洗-去标记", "删除原文中残留的标签、标题标记、Markdown符号、方括号或括号里的写作说明、“文案：”之类的提示词等非正文内容；正文措辞保持不变。"),
-    "persona": ("清洗-人设故事", "这篇笔记读起来平淡，像产品说明书。请用品牌人设的第一人称（“我”）重写：加入一个具体的场景或小故事（例如一位读者的困扰、一次配方测试或自己的使用经历），让读者读到真实的人和经历；事实保持不变。"),
+    "persona": ("清洗-人设故事", "这篇笔记读起来平淡，像产品说明书。请用品牌人设的第一人称（“我”）重写：加入一个具体的场景或小故事（例如一位读者的困扰、一次产品测试或自己的使用经历），让读者读到真实的人和经历；事实保持不变。"),
     "cta": ("清洗-补充行动号召", "这篇广告缺少行动号召。请在结尾补上一句明确的行动号召，其余内容保持不变。"),
 }
 
@@ -159,12 +160,12 @@ def generation_messages(brand, product_id, content_type, examples, variant=0):
     shots = "".join(f"【范例{i}】\n{text}\n" for i, text in enumerate(examples, start=1))
     user = _guide(brand, spec)
     if shots:
-        user += f"参考范例（来自其他产品：只学习结构与语气，不要照搬其中的成分、浓度和功效）：\n{shots}"
+        user += f"参考范例（来自其他产品：只学习结构与语气，不要照搬其中的{brand.wording.fact_scope}）：\n{shots}"
     user += _task_header(GENERATE, product_id, content_type) + build_instruction(brand, product_id, content_type) + "\n"
     if variant:
         user += f"这是同一产品的第{variant + 1}篇，请换一个切入角度和开头。\n"
     user += "只输出文案正文。"
-    teacher = "你同时是一位资深化妆品配方师：写完后逐条核对产品信息，确保每个成分、浓度和功效都有出处。"
+    teacher = f"你同时是一位{brand.wording.expert}：写完后逐条核对产品信息，确保每一处{brand.wording.fact_scope}都有出处。"
     return [{"role": "system", "content": system_prompt(brand) + "\n" + teacher}, {"role": "user", "content": user}]
 
 
@@ -182,7 +183,7 @@ def repair_messages(messages, text, problems):
     listed = "\n".join(f"- {problem}" for problem in problems)
     ask = (
         f"任务：{REPAIR}\n这篇文案有以下问题：\n{listed}\n"
-        "请逐条修正，其余内容尽量保持不变；只写产品信息中给出的成分、浓度和功效。只输出修改后的完整文案。"
+        "请逐条修正，其余内容尽量保持不变；只写产品信息中给出的事实。只输出修改后的完整文案。"
     )
     return messages + [{"role": "assistant", "content": text}, {"role": "user", "content": ask}]
 
@@ -204,7 +205,7 @@ def clean_messages(brand, product_id, content_type, text, pass_name):
     user = (  # shared first (guide of the content type, the pass's ask), this sample's part last
         _guide(brand, brand.content_type(content_type))
         + ask
-        + "\n不得加入产品信息以外的成分、浓度或功效，不得使用禁用词、绝对化用语和多个感叹号。只输出改写后的完整文案。\n"
+        + f"\n不得加入产品信息以外的{brand.wording.fact_scope}，不得使用禁用词、绝对化用语和多个感叹号。只输出改写后的完整文案。\n"
         + _task_header(task, product_id, content_type)
         + build_instruction(brand, product_id, content_type) + "\n"
         + _source_block(text)
@@ -238,17 +239,18 @@ def fake_messages(brand, product_id, content_type, text, foreign_ingredient):
         product_id: the product the copy is about.
         content_type: a content type id.
         text: the correct copy.
-        foreign_ingredient: an ingredient the product does not contain, offered as one error.
+        foreign_ingredient: a material of the brand's lexicon the product does not contain, offered as one error.
 
     Returns:
         The user message.
     """
-    user = (  # the ask is the same for every sample: it comes first, the sample and its facts last
-        "请在下面的文案中植入1–2处与产品信息不符的事实错误，用作训练模型的反例：例如改动某个成分的浓度，"
-        + "或写入产品并不含有的成分。其余部分保持不变，不要标注改动之处。只输出改写后的文案。\n"
+    material, share = brand.composition.material_word, brand.composition.share_word
+    user = (  # the ask is the same for every sample of a brand: it comes first, the sample and its facts last
+        f"请在下面的文案中植入1–2处与产品信息不符的事实错误，用作训练模型的反例：例如改动某个{material}的{share}或某项数字，"
+        + f"或写入产品并不含有的{material}。其余部分保持不变，不要标注改动之处。只输出改写后的文案。\n"
         + _task_header(FAKE, product_id, content_type)
         + f"产品信息：\n{product_facts(brand.product(product_id))}\n"
-        + f"可植入的成分（产品并不含有）：{foreign_ingredient}\n"
+        + f"可植入的{material}（产品并不含有）：{foreign_ingredient}\n"
         + _source_block(text)
     )
     return [{"role": "user", "content": user}]

@@ -33,10 +33,6 @@ def brand_copy(tmp_path):
     return folder
 
 
-def _percent(ingredient):
-    return float(ingredient.concentration.rstrip("%"))
-
-
 def test_content_types_follow_the_contract(brand):
     assert list(brand.content_types) == TYPES
     for spec in brand.content_types.values():
@@ -55,16 +51,16 @@ def test_catalog_size_and_ids(brand):
 def test_catalog_is_regulatorily_consistent(brand):
     for p in brand.products.values():
         whitening = {"美白", "淡斑", "提亮"} & set(p.claims)
-        assert not whitening or p.registration == "特殊化妆品（祛斑美白）", p.id
-        assert ("防晒" in p.claims) == (p.registration == "特殊化妆品（防晒）") == (p.spf is not None), p.id
-        for ingredient in p.ingredients:
-            if ingredient.name in LIMITS:
-                assert _percent(ingredient) <= LIMITS[ingredient.name], (p.id, ingredient)
-        names = {i.name for i in p.ingredients}
+        assert not whitening or p.facts["registration"] == "特殊化妆品（祛斑美白）", p.id
+        assert ("防晒" in p.claims) == (p.facts["registration"] == "特殊化妆品（防晒）") == ("spf" in p.facts) == ("pa" in p.facts), p.id
+        for material in p.materials:
+            if material.name in LIMITS:
+                assert material.share <= LIMITS[material.name], (p.id, material)
+        names = {m.name for m in p.materials}
         if "水杨酸" in names:
-            assert "含水杨酸，三岁以下儿童勿用" in p.cautions, p.id
+            assert "含水杨酸，三岁以下儿童勿用" in p.facts["cautions"], p.id
         if "视黄醇" in names:
-            assert any("夜间" in c for c in p.cautions) and any("孕期" in c for c in p.cautions), p.id
+            assert any("夜间" in c for c in p.facts["cautions"]) and any("孕期" in c for c in p.facts["cautions"]), p.id
 
 
 def test_product_names_pass_their_own_fact_check(brand):
@@ -139,8 +135,13 @@ def test_malformed_jsonl_line_is_named(brand_copy):
 
 @pytest.mark.parametrize("field,edit,message", [
     ("price", lambda p: p.pop("price"), "missing field"),
-    ("ingredients[0].name", lambda p: p["ingredients"][0].update(name="不存在的成分"), "not an ingredient"),
-    ("ingredients[0].concentration", lambda p: p["ingredients"][0].update(concentration="五%"), "expected a string like"),
+    ("composition[0].materials[0].name", lambda p: p["composition"][0]["materials"][0].update(name="不存在的成分"), "not a material"),
+    ("composition[0].materials[0].share", lambda p: p["composition"][0]["materials"][0].update(share="五%"), "expected a percentage"),
+    ("composition[0].materials[0].share", lambda p: p["composition"][0]["materials"][0].update(share=120), "expected a percentage"),
+    ("facts.registration", lambda p: p["facts"].update(registration="药品"), "expected one of"),
+    ("facts.registration", lambda p: p["facts"].pop("registration"), "missing field"),
+    ("facts.spf", lambda p: p["facts"].update(spf="高"), "expected a number"),
+    ("facts.colour", lambda p: p["facts"].update(colour="白"), "not a fact"),
     ("claims", lambda p: p.update(claims=["包治百病"]), "not a canonical claim"),
     ("name", lambda p: p.update(name="  "), "empty text"),
 ])
@@ -185,7 +186,8 @@ def test_instruction_carries_the_facts(brand):
     assert all(claim in text for claim in product.claims)
     assert brand.cta_phrases[0] in text
     assert brand.cta_phrases[0] not in build_instruction(brand, "YS-010", "social_media_review")
-    assert "SPF50+ PA++++" in build_instruction(brand, "YS-031", "paid_ad_pas")
+    sunscreen = build_instruction(brand, "YS-031", "paid_ad_pas")
+    assert "防晒指数（SPF）：50+" in sunscreen and "PA等级：++++" in sunscreen and "管理类别：特殊化妆品（防晒）" in sunscreen
 
 
 def test_chat_messages_roles(brand):

@@ -169,7 +169,7 @@ def test_negatives_mix_kinds_and_lint_failures(tmp_path, brand, golden):
     failed = read_jsonl_records(tmp_path / "negatives" / "llm.failures.jsonl")
     assert len(failed) == families.count("fake") and all("改写后与原文相同" in f["reason"] for f in failed)
     kinds = {n["kind"] for n in negatives}
-    assert kinds == {"llm_weak", "llm_exaggerated", "swap_ingredient", "alter_concentration", "insert_banned", "drop_cta", "truncate"}
+    assert kinds == {"llm_weak", "llm_exaggerated", "swap_material", "alter_fact", "insert_banned", "drop_cta", "truncate"}
     assert report["llm_exaggerated"] == families.count("exaggerated") and report["llm_weak"] == families.count("weak")
     by_id = {g["id"]: g for g in golden}
     for n in negatives:
@@ -180,7 +180,7 @@ def test_negatives_mix_kinds_and_lint_failures(tmp_path, brand, golden):
             assert found & set(datagen.FACT_KINDS)
         if n["family"] == "exaggerated":
             assert found & set(datagen.EXAGGERATION_KINDS)
-    assert report["swap_ingredient"] > len(golden) / 2 and report["drop_cta"] > 0
+    assert report["swap_material"] > len(golden) / 2 and report["drop_cta"] > 0
 
 
 def test_export_files_load_with_datasets(tmp_path, brand, golden):

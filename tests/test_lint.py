@@ -133,11 +133,12 @@ def test_one_exclamation_mark_is_allowed(brand):
 
 
 @pytest.mark.parametrize("snippet,kind", [
-    ("加入了视黄醇。", "unknown_ingredient"), ("搭配神经酰胺。", "unknown_ingredient"), ("含有维C衍生物。", "unknown_ingredient"),
-    ("温和无刺激的配方加入了A醇。", "unknown_ingredient"), ("10%烟酰胺。", "wrong_concentration"),
-    ("烟酰胺10%。", "wrong_concentration"), ("烟酰胺（10%）。", "wrong_concentration"), ("浓度为2%的烟酰胺。", "wrong_concentration"),
-    ("透明质酸钠1%。", "wrong_concentration"), ("帮助美白。", "unsupported_claim"), ("淡化痘印。", "unsupported_claim"),
-    ("有效抗皱。", "unsupported_claim"), ("不是遮盖而是美白。", "unsupported_claim"), ("SPF50+。", "unsupported_claim"),
+    ("加入了视黄醇。", "unknown_material"), ("搭配神经酰胺。", "unknown_material"), ("含有维C衍生物。", "unknown_material"),
+    ("温和无刺激的配方加入了A醇。", "unknown_material"), ("10%烟酰胺。", "wrong_share"),
+    ("烟酰胺10%。", "wrong_share"), ("烟酰胺（10%）。", "wrong_share"), ("浓度为2%的烟酰胺。", "wrong_share"),
+    ("透明质酸钠1%。", "wrong_share"), ("帮助美白。", "unsupported_claim"), ("淡化痘印。", "unsupported_claim"),
+    ("有效抗皱。", "unsupported_claim"), ("不是遮盖而是美白。", "unsupported_claim"), ("SPF50+。", "wrong_fact"),
+    ("PA++++。", "wrong_fact"), ("特殊化妆品（防晒）。", "wrong_fact"),
 ])
 def test_fact_check_catches(brand, snippet, kind):
     assert kind in kinds(brand, snippet)
@@ -176,14 +177,14 @@ def test_ingredient_inside_a_longer_chemical_name_passes(brand, snippet):
 
 @pytest.mark.parametrize("snippet", ["加入甘油。", "甘油、脂肪酸。", "含乳酸。"])
 def test_ingredient_standing_alone_is_caught(brand, snippet):
-    assert kinds(brand, snippet, "YS-026") == {"unknown_ingredient"}
+    assert kinds(brand, snippet, "YS-026") == {"unknown_material"}
 
 
 @pytest.mark.parametrize("snippet,clean", [
     ("不加香精。", True), ("不含有酒精。", True), ("不含有酒精和香精。", True), ("加香精。", False), ("含有酒精。", False),
 ])
 def test_negation_forms(brand, snippet, clean):
-    assert kinds(brand, snippet) == (set() if clean else {"unknown_ingredient"})
+    assert kinds(brand, snippet) == (set() if clean else {"unknown_material"})
 
 
 @pytest.mark.parametrize("snippet,clean", [
@@ -198,14 +199,14 @@ def test_claim_left_to_other_products(brand, snippet, clean):
     ("神经酰胺NP中的P指植物鞘氨醇骨架。", True), ("加入植物鞘氨醇。", False), ("另含0.2%植物鞘氨醇。", False),
 ])
 def test_molecular_building_block_is_not_an_ingredient(brand, snippet, clean):
-    assert kinds(brand, snippet, "YS-026") == (set() if clean else {"unknown_ingredient"})
+    assert kinds(brand, snippet, "YS-026") == (set() if clean else {"unknown_material"})
 
 
 def test_every_kind_is_declared(brand):
     text = "神器！！【标题】最好的精华，加入视黄醇，10%烟酰胺，帮助美白。"
     result = lint_text(brand, text, "paid_ad_cta", "YS-010")
-    assert result.kinds() == set(RULE_KINDS) | (FACT_KINDS - {"wrong_spf"})
-    assert lint_text(brand, "SPF30", "paid_ad_cta", "YS-031").kinds() == {"wrong_spf", "missing_cta", "length"}
+    assert result.kinds() == set(RULE_KINDS) | (FACT_KINDS - {"wrong_fact"})
+    assert lint_text(brand, "SPF30", "paid_ad_cta", "YS-031").kinds() == {"wrong_fact", "missing_cta", "length"}
 
 
 def test_fact_check_needs_product_id(brand):
@@ -214,8 +215,9 @@ def test_fact_check_needs_product_id(brand):
 
 def test_spf_and_pa_must_match(brand):
     assert kinds(brand, "SPF50+ PA++++。", "YS-031") == set()
-    assert kinds(brand, "SPF30 PA++++。", "YS-031") == {"wrong_spf"}
-    assert kinds(brand, "SPF50+ PA++。", "YS-031") == {"wrong_spf"}
+    assert kinds(brand, "SPF30 PA++++。", "YS-031") == {"wrong_fact"}
+    assert kinds(brand, "SPF50+ PA++。", "YS-031") == {"wrong_fact"}
+    assert kinds(brand, "SPF50 PA++++。", "YS-031") == {"wrong_fact"}  # 50 is not 50+
 
 
 def test_length_and_cta(brand):
@@ -237,7 +239,7 @@ def test_length_ignores_whitespace(brand):
 def test_spans_index_the_original_text(brand):
     text = "好用！！ＹＹＤＳ，１００％有效，加入视黄醇。" + PAD
     result = lint_text(brand, text, "social_media_educational", "YS-010")
-    assert result.kinds() == {"exclamation", "forbidden_word", "absolute_claim", "unknown_ingredient"}
+    assert result.kinds() == {"exclamation", "forbidden_word", "absolute_claim", "unknown_material"}
     for violation in result.violations:
         assert text[violation.span[0]:violation.span[1]] == violation.text
     assert [v.text for v in result.violations] == ["！", "ＹＹＤＳ", "１００％", "视黄醇"]
@@ -269,17 +271,17 @@ def _golden_or_good(brand):
 
 def _swap_ingredient(brand, product_id, text):
     """Replaces a catalog ingredient name, everywhere in the text, with one no product contains."""
-    names = [i.name for i in brand.product(product_id).ingredients if i.name in text]
+    names = [m.name for m in brand.product(product_id).materials if m.name in text]
     return text.replace(names[0], "熊果苷") if names else None
 
 
 def _change_concentration(brand, product_id, text):
     """Changes a catalog concentration written right next to its ingredient."""
-    for ingredient in brand.product(product_id).ingredients:
-        c = ingredient.concentration
-        for form in (f"{c}{ingredient.name}", f"{ingredient.name}{c}", f"{ingredient.name} {c}", f"{c}的{ingredient.name}"):
+    for material in brand.product(product_id).materials:
+        c = f"{material.share:g}%" if material.share is not None else None
+        for form in (f"{c}{material.name}", f"{material.name}{c}", f"{material.name} {c}", f"{c}的{material.name}"):
             if c and form in text:
-                wrong = f"{float(c[:-1]) * 2 + 1:g}%"
+                wrong = f"{material.share * 2 + 1:g}%"
                 return text.replace(form, form.replace(c, wrong), 1)
     return None
 
@@ -299,11 +301,11 @@ def test_corrupted_copy_is_caught(brand):
         corrupted = _swap_ingredient(brand, product_id, text)
         if corrupted:
             swapped += 1
-            assert "unknown_ingredient" in lint_text(brand, corrupted, content_type, product_id).kinds(), corrupted
+            assert "unknown_material" in lint_text(brand, corrupted, content_type, product_id).kinds(), corrupted
         corrupted = _change_concentration(brand, product_id, text)
         if corrupted:
             changed += 1
-            assert "wrong_concentration" in lint_text(brand, corrupted, content_type, product_id).kinds(), corrupted
+            assert "wrong_share" in lint_text(brand, corrupted, content_type, product_id).kinds(), corrupted
         if brand.content_type(content_type).cta_required:
             dropped += 1
             assert "missing_cta" in lint_text(brand, _drop_cta(brand, text), content_type, product_id).kinds()

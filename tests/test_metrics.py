@@ -72,9 +72,9 @@ def test_offline_metrics_hand_computed(brand):
         Sample("social_media_review", "YS-001", "  ", "温和清洁", True),
     ]
     kinds = [{v.kind for v in lint_text(brand, s.text, s.content_type, s.product_id).violations} for s in samples]
-    assert "wrong_concentration" in kinds[0] and "missing_cta" in kinds[0]  # the grader sees what the values assume
-    assert "unknown_ingredient" in kinds[1] and "missing_cta" not in kinds[1]
-    assert not kinds[2] & {"unknown_ingredient", "wrong_concentration", "unsupported_claim", "missing_cta"}
+    assert "wrong_share" in kinds[0] and "missing_cta" in kinds[0]  # the grader sees what the values assume
+    assert "unknown_material" in kinds[1] and "missing_cta" not in kinds[1]
+    assert not kinds[2] & {"unknown_material", "wrong_share", "unsupported_claim", "missing_cta"}
     lint_scores = [lint_text(brand, s.text, s.content_type, s.product_id).score for s in samples]
 
     result = offline_metrics(brand, samples)

@@ -23,8 +23,9 @@ def instruction(product: dict, content_type: str) -> str:
 
 
 def good_copy(product: dict) -> str:
-    ingredient = product["ingredients"][0]["name"]
-    return f"{product['name']}，核心成分{ingredient}，{product['texture']}。{product['usage'][:20]}。立即下单，体验温和护肤。"
+    ingredient = product["composition"][0]["materials"][0]["name"]
+    facts = product["facts"]
+    return f"{product['name']}，核心成分{ingredient}，{facts['texture']}。{facts['usage'][:20]}。立即下单，体验温和护肤。"
 
 
 def bad_copy(product: dict) -> str:

@@ -4,6 +4,8 @@ Each section below belongs to one area; heavy imports happen inside the commands
 ``brandcopy --help`` stays fast.
 """
 
+import sys
+
 import typer
 
 app = typer.Typer(help="Brand-exclusive copywriting models: data, training, evaluation.", no_args_is_help=True)
@@ -269,26 +271,33 @@ def eval_command(
 
 @app.command("chat")
 def chat_command(
-    config: str = typer.Option(None, help="Flat YAML preset (base model, backend, run)."),
+    config: str = typer.Option(None, help="Flat YAML preset (base model, backend, run); default: qwen2.5-7b-24gb "
+                                          "with CUDA, else tiny-cpu (the notebooks' \"auto\")."),
     run: str = typer.Option(None, help="Run name whose adapters to load (default: the preset's run)."),
     adapter: list[str] = typer.Option(None, help="Adapter: a stage of the run (sft, dpo, grpo) or a folder; repeatable. "
-                                                 "Default: every finished adapter stage of the run."),
+                                                 "Default: every finished adapter stage of the run, the latest active."),
     base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
 ):
-    """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
+    """Streaming chat with the brand's system prompt; /product, /type and /write use the training prompt."""
+    from brandcopy.display import quiet
+
+    quiet()  # before torch/bitsandbytes load: their expected warnings would land in the chat
     from brandcopy.brand import load_brand
     from brandcopy.chat import chat_loop, load_chat_model, run_adapters
     from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.demo import preset_path
     from brandcopy.run import StageInputError
 
     try:
-        cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+        cfg = load_stage_config(EvalStageConfig, config or preset_path("auto"), [f"run={run}"] if run else [])
         adapters = run_adapters(cfg.run_dir, adapter or [])
-    except (ConfigError, StageInputError) as err:
+        model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend,
+                                           load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length)
+    except (ConfigError, StageInputError, OSError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                                       max_seq_length=cfg.max_seq_length)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (input() gains line editing, history and correct wide-character erasing)
     chat_loop(model, tokenizer, load_brand(cfg.brand))
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import httpx2
 import openai
 from openai.types.chat import ChatCompletion
-from tqdm.auto import tqdm
+
+from brandcopy.display import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -531,7 +532,7 @@ async def arun_requests(
     summary = RunSummary(skipped=sum(request.key in done for request in requests))
     start, usage_before = time.perf_counter(), asdict(client.usage)
     out, failures = JsonlAppender(out_path), JsonlAppender(failures_path)
-    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req")
+    bar = progress_bar(len(requests), desc, initial=summary.skipped, unit="req")
     try:
         async with client:
             workers = [

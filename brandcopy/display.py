@@ -255,3 +255,59 @@ def pair_diff_text(chosen: str, rejected: str, context: int = 15) -> str:
         lines.append(f"  (+{len(hunks) - 6} more changes)")
     same = matcher.ratio()
     return f"{len(hunks)} change(s), {same:.0%} of the text shared:\n" + "\n".join(lines)
+
+
+# --- the evaluation at a glance --------------------------------------------------------------------
+
+OVERVIEW_METRICS = {"stop_rate": "stopped", "distinct_2": "distinct-2", "lint_score": "lint", "fact_pass_rate": "facts ok"}
+
+
+def eval_overview_markdown(eval_dir, link_from=None) -> str:
+    """The evaluation at a glance (from ``results.json``): per model the judge's overall mean score, the greedy stop
+    rate and a few offline metrics, the position-bias figures, and a link to the full ``report.md``.
+
+    Args:
+        eval_dir: The eval stage folder.
+        link_from: Folder the link is made relative to (a notebook's folder); None: the absolute path.
+    """
+    import json
+    from pathlib import Path
+
+    eval_dir = Path(eval_dir)
+    results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))
+    judged = results["judge_means"].get("overall", {})
+    greedy = results["metrics"].get("greedy", {})
+    header = ["model", "judge (1-5)", "eval loss", *OVERVIEW_METRICS.values()]
+    rows = [[name, judged.get(name), results["losses"].get(name, {}).get("eval_loss"),
+             *[greedy.get(name, {}).get("overall", {}).get(key) for key in OVERVIEW_METRICS]] for name in results["models"]]
+    rows.append(["golden", judged.get("golden"), None, *[None] * len(OVERVIEW_METRICS)])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in rows]
+    bias = [f"- **{name}**: the first position won {b['first_won_original']:.0%} of best-of-3 rounds in the original "
+            f"order, {b['first_won_swapped']:.0%} after swapping (about 33% without bias); the orders agreed on "
+            f"{b['agreement']:.0%}, {b['ties']} ties, {b['failed']} failed, of {b['n']}"
+            for name, b in results["position_bias"].items()]
+    report = eval_dir / "report.md"
+    link = os.path.relpath(report, link_from) if link_from else str(report)
+    partial = "\n\n**PARTIAL**: " + "; ".join(results["partial"]) if results["partial"] else ""
+    return "\n".join([f"{results['n_prompts']} val prompts, judge: {results['judge'] or 'not run'}.{partial}", "",
+                      *lines, "", "Position bias of the judge:", *bias, "",
+                      f"Everything else (per content type, sampled decoding, charts, failures): [report.md]({link})"])
+
+
+def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
+    """The first ``n`` val prompts of an evaluation: golden copy and each model's greedy copy, readable
+    (``sample_text``: blank runs collapsed, a mark where the model never emitted ``<|im_end|>``)."""
+    import json
+    from pathlib import Path
+
+    from brandcopy.demo import eval_samples
+
+    rows = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    stopped = {(r["id"], r["model"]): r["stopped"] for r in rows if r["setting"] == "greedy"}
+    parts = []
+    for sample in eval_samples(eval_dir, n):
+        parts.append(f"=== {sample['id']} ({sample['content_type']})\n--- golden\n{shorten(sample['golden'], limit)}")
+        parts += [f"--- {name}\n{sample_text(text, stopped[sample['id'], name], limit)}" for name, text in sample["models"].items()]
+    return "\n".join(parts)

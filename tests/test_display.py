@@ -92,3 +92,22 @@ def test_pair_diff_shows_only_what_differs():
     assert diff.startswith("1 change(s)") and "[-1-][+0+]" in diff
     assert len(diff) < len(chosen)
     assert pair_diff_text(chosen, chosen) == "identical texts"
+
+
+def test_eval_overview_is_one_table_with_stop_rate_bias_and_a_link(tmp_path):
+    import json
+
+    from brandcopy.display import eval_overview_markdown
+
+    bias = {"first_won_original": 0.9, "first_won_swapped": 0.1, "agreement": 0.2, "ties": 8, "failed": 0, "n": 10}
+    metrics = {"overall": {"stop_rate": 0.25, "distinct_2": 0.009, "lint_score": 0.5, "fact_pass_rate": 1.0}}
+    results = {"models": ["base", "dpo"], "n_prompts": 10, "judge": "scripted", "partial": [],
+               "judge_means": {"overall": {"base": 1.75, "dpo": 1.3, "golden": 4.2}, "paid_ad_cta": {"base": 2.0}},
+               "losses": {"base": {"eval_loss": 6.2}, "dpo": {"eval_loss": 5.1}},
+               "metrics": {"greedy": {"base": metrics, "dpo": metrics}}, "position_bias": {"dpo": bias}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    text = eval_overview_markdown(tmp_path / "eval", link_from=tmp_path / "notebooks")
+    assert "| dpo | 1.30 | 5.10 | 0.25 | 0.01 | 0.50 | 1.00 |" in text and "| golden | 4.20 |" in text
+    assert "90% of best-of-3 rounds" in text and "10% after swapping" in text
+    assert "[report.md](../eval/report.md)" in text and "paid_ad_cta" not in text

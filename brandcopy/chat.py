@@ -213,9 +213,9 @@ def write_prompt(brand, state: ChatState) -> list[dict] | str:
 
 def _reply(model, tokenizer, state: ChatState, write, params) -> None:
     """Stream one labelled reply into the conversation; Ctrl-C stops it and keeps what was written."""
-    write(f"[{state.adapter}] 助手：")
     pieces = []
     try:
+        write(f"[{state.adapter}] 助手：")  # inside the try: Ctrl-C right after the label also stops only the reply
         with contextlib.closing(stream_reply(model, tokenizer, state.messages, state.adapter, params)) as stream:
             for piece in stream:
                 pieces.append(piece)

@@ -152,3 +152,49 @@ def test_run_adapters_names_the_missing_stage(tmp_path, adapters):
     assert run_adapters(tmp_path, []) == {}
     with pytest.raises(StageInputError, match="dpo"):
         run_adapters(tmp_path, ["dpo"])
+
+
+def _read_until(proc, marker: str, seen: list[str], timeout: float = 600) -> str:
+    """Read the process's output until ``marker`` appears after what was already seen."""
+    import select
+    import time
+
+    start, deadline = len("".join(seen)), time.monotonic() + timeout
+    while marker not in "".join(seen)[start:]:
+        assert time.monotonic() < deadline and proc.poll() is None, f"no {marker!r} in:\n{''.join(seen)[-2000:]}"
+        if select.select([proc.stdout], [], [], 1)[0]:
+            seen.append(os.read(proc.stdout.fileno(), 4096).decode("utf-8", "replace"))
+    return "".join(seen)
+
+
+@pytest.mark.slow
+def test_the_chat_process_survives_ctrl_c_mid_reply_and_ends_cleanly_on_ctrl_d(tiny_model_dir, tmp_path):
+    """The real command in a child process: SIGINT (what Ctrl-C sends) during a reply stops the reply, the chat
+    goes on, and end of input ends it with status 0, no traceback and no abort from a running thread."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-u", "-m", "brandcopy.cli", "chat", "--config", str(repo / "configs" / "tiny-cpu.yaml"),
+               "--base", str(tiny_model_dir), "--run", str(tmp_path / "no-run")]
+    proc = subprocess.Popen(command, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # CI ignores SIGINT
+    seen = []
+    try:
+        _read_until(proc, "你：", seen)
+        proc.stdin.write("精华怎么用\n".encode())
+        proc.stdin.flush()
+        _read_until(proc, "助手：", seen)
+        proc.send_signal(signal.SIGINT)
+        _read_until(proc, "[已停止这条回复]", seen)
+        _read_until(proc, "你：", seen)
+        proc.stdin.close()  # Ctrl-D
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    output = "".join(seen) + proc.stdout.read().decode("utf-8", "replace")
+    assert "Traceback" not in output and "terminate called" not in output and "kernels-community" not in output
+    assert output.endswith("\n")

@@ -111,3 +111,17 @@ def test_eval_overview_is_one_table_with_stop_rate_bias_and_a_link(tmp_path):
     assert "| dpo | 1.30 | 5.10 | 0.25 | 0.01 | 0.50 | 1.00 |" in text and "| golden | 4.20 |" in text
     assert "90% of best-of-3 rounds" in text and "10% after swapping" in text
     assert "[report.md](../eval/report.md)" in text and "paid_ad_cta" not in text
+
+
+def test_a_curve_with_many_series_wraps_into_rows_of_three(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from brandcopy.run import plot_metrics
+
+    keys = tuple(f"rewards/r{k}" for k in range(7))  # GRPO logs the total and six rewards
+    rows = [{"step": step, **{key: step * k for k, key in enumerate(keys)}} for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    width, height = Image.open(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "curve.png", keys)).size
+    assert width <= 3 * 450 + 10 and height >= 3 * 350 - 10  # 3 panels wide, 3 rows (at 100 dpi)

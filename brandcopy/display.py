@@ -20,10 +20,13 @@ The ``*_text`` functions render results (a data step's ``RunSummary``, a ``LintR
 
 import difflib
 import html
+import io
 import logging
 import os
 import re
 import warnings
+
+from tqdm import tqdm
 
 PROGRESS_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # one bar per dataset map: noise in a lesson
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -103,8 +106,24 @@ def in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in shell.config
 
 
-def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it"):
-    """A tqdm bar: the terminal's own, or in a notebook one display line updated in place.
+class NotebookBar(tqdm):
+    """tqdm drawn through one IPython display handle: an HTML bar while it runs, one text line once saved."""
+
+    def __init__(self, *args, **kwargs):
+        from IPython.display import display
+
+        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+        super().__init__(*args, file=io.StringIO(), **kwargs)  # the display handle draws, not a stream
+
+    def display(self, msg=None, pos=None):
+        line = msg or self.format_meter(**self.format_dict)
+        bar = f'<progress value="{self.n}" max="{self.total or 1}"></progress> '
+        self._handle.update({"text/plain": line, "text/html": bar + html.escape(line)}, raw=True)
+        return True
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it") -> tqdm:
+    """The library's progress bar: tqdm in a terminal, a ``NotebookBar`` in a notebook.
 
     Args:
         total: Number of steps.
@@ -112,31 +131,8 @@ def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it"):
         initial: Steps already done (a resumed run).
         unit: Unit after the counts.
     """
-    from tqdm import tqdm
-
-    if not in_notebook():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit)
-    return _line_bar_class()(total=total, initial=initial, desc=desc, unit=unit, mininterval=0.5)
-
-
-def _line_bar_class():
-    from IPython.display import display
-    from tqdm import tqdm
-
-    class LineBar(tqdm):
-        """tqdm drawn through one IPython display handle: an HTML bar live, one text line once saved."""
-
-        def __init__(self, *args, **kwargs):
-            self._handle = display({"text/plain": ""}, raw=True, display_id=True)
-            super().__init__(*args, file=open(os.devnull, "w"), **kwargs)  # noqa: SIM115 (tqdm closes it)
-
-        def display(self, msg=None, pos=None):
-            line = msg or self.format_meter(**self.format_dict)
-            done = f'<progress value="{self.n}" max="{self.total or 1}"></progress> '
-            self._handle.update({"text/plain": line, "text/html": done + html.escape(line)}, raw=True)
-            return True
-
-    return LineBar
+    bar = NotebookBar if in_notebook() else tqdm
+    return bar(total=total, initial=initial, desc=desc, unit=unit, mininterval=0.5)
 
 
 # --- renderings ------------------------------------------------------------------------------------

@@ -125,3 +125,14 @@ def test_a_curve_with_many_series_wraps_into_rows_of_three(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     width, height = Image.open(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "curve.png", keys)).size
     assert width <= 3 * 450 + 10 and height >= 3 * 350 - 10  # 3 panels wide, 3 rows (at 100 dpi)
+
+
+def test_the_progress_bar_is_plain_tqdm_outside_a_notebook():
+    from tqdm import tqdm
+
+    from brandcopy.display import NotebookBar, progress_bar
+
+    bar = progress_bar(3, "generate", initial=1, unit="req")
+    bar.update(2)
+    assert type(bar) is tqdm and bar.n == 3 and not isinstance(bar, NotebookBar)
+    bar.close()

@@ -187,7 +187,7 @@ def cell_text(book) -> str:
 
 # --- what a saved notebook shows a reader ---------------------------------------------------------
 
-MAX_PROGRESS_LINES = 3  # per cell: a progress bar is one line once saved, not one line per refresh
+MAX_PROGRESS_LINES = 3  # per cell, in printed text: a bar is one widget or display line, not one line per refresh
 MAX_CELL_LINES = 60  # a cell's output a reader can take in without scrolling past it
 PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+")
 
@@ -201,7 +201,8 @@ def output_text(output) -> str:
 
 def output_problems(book) -> list[str]:
     """What a reader of the executed notebook should not meet: tracebacks, the kernels-community warning,
-    progress bars saved one line per refresh, and cell outputs too long to read."""
+    progress bars printed as text (saved one line per refresh), and cell outputs too long to read. A bar drawn
+    as a widget or an updated display line is one output and counts as one line."""
     problems = []
     for number, cell in enumerate(code_cells(book), start=1):
         texts = [output_text(output) for output in cell.outputs]
@@ -211,7 +212,9 @@ def output_problems(book) -> list[str]:
             problems.append(f"cell {number}: a Python traceback")
         if "kernels-community" in text:
             problems.append(f"cell {number}: the kernels-community warning")
-        progress = sum(bool(PROGRESS_LINE.search(line)) for line in lines)
+        streamed = [line for o in cell.outputs if o.get("output_type") == "stream"
+                    for line in o.get("text", "").replace("\r", "\n").splitlines()]
+        progress = sum(bool(PROGRESS_LINE.search(line)) for line in streamed)  # a bar saved once per refresh
         if progress > MAX_PROGRESS_LINES:
             problems.append(f"cell {number}: {progress} progress lines")
         if len(lines) > MAX_CELL_LINES:
@@ -222,12 +225,14 @@ def output_problems(book) -> list[str]:
 def test_output_check_flags_what_a_reader_should_not_meet():
     stream = nbformat.v4.new_output
     book = nbformat.v4.new_notebook()
-    book.cells = [nbformat.v4.new_code_cell("x") for _ in range(5)]
+    book.cells = [nbformat.v4.new_code_cell("x") for _ in range(6)]
     book.cells[0].outputs = [stream("stream", name="stdout", text="clean samples: 189\n")]
     book.cells[1].outputs = [stream("error", ename="ValueError", evalue="x", traceback=["Traceback (most recent call last)"])]
     book.cells[2].outputs = [stream("stream", name="stderr", text="Failed to load CPU gemm_4bit_forward from kernels-community\n")]
     book.cells[3].outputs = [stream("stream", name="stderr", text="".join(f"\rgenerate: {p}%|#| {p}/100 [00:01<00:01]" for p in range(0, 100, 10)))]
     book.cells[4].outputs = [stream("stream", name="stdout", text="\n" * 100)]
+    bars = [f"Loading weights: 100%|#| 27/27 [00:00<00:00] (model {i})" for i in range(8)]  # one display line per bar
+    book.cells[5].outputs = [stream("display_data", data={"text/plain": bar}) for bar in bars]
     assert output_problems(book) == ["cell 2: a Python traceback", "cell 3: the kernels-community warning",
                                      "cell 4: 10 progress lines", "cell 5: 100 output lines (limit 60)"]
 

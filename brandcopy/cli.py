@@ -4,6 +4,7 @@ Each section below belongs to one area; heavy imports happen inside the commands
 ``brandcopy --help`` stays fast.
 """
 
+import sys
 from contextlib import contextmanager
 
 import typer
@@ -342,19 +343,34 @@ def eval_command(
 
 @app.command("chat")
 def chat_command(
-    config: str = typer.Option(None, help="Flat YAML preset (base model, backend, run)."),
+    config: str = typer.Option(None, help="Flat YAML preset (base model, backend, run); default: qwen2.5-7b-24gb "
+                                          "with CUDA, else tiny-cpu (the notebooks' \"auto\")."),
     run: str = typer.Option(None, help="Run name whose adapters to load (default: the preset's run)."),
     adapter: list[str] = typer.Option(None, help="Adapter: a stage of the run (sft, dpo, grpo) or a folder; repeatable. "
-                                                 "Default: every finished adapter stage of the run."),
+                                                 "Default: every finished adapter stage of the run, the latest active."),
     base: str = typer.Option(None, help="Base model instead of the preset's model (e.g. <run>/merged)."),
     base_url: str = typer.Option("", help="Chat with a served model (vllm serve / transformers serve) instead, "
                                           "e.g. http://127.0.0.1:8000/v1."),
     api_model: str = typer.Option("", help="Model name at --base-url (transformers serve: the folder it loaded)."),
     api_key_env: str = typer.Option("BRANDCOPY_SERVE_KEY", help="NAME of the variable holding the server's key ('' for none)."),
 ):
-    """Streaming chat with the brand's system prompt; /adapter NAME switches adapters on the same base."""
-    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    """Streaming chat with the brand's system prompt; /product, /type and /write use the training prompt.
 
+    Without --config the preset is picked as the notebooks' "auto" does; --base-url chats with a served model.
+    """
+    from brandcopy.display import quiet
+
+    quiet()  # before torch/bitsandbytes load: their expected warnings would land in the chat
+    from brandcopy.backend import GPUSetupError
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.demo import preset_path
+
+    overrides = [f"run={run}"] if run else []
+    try:
+        preset = config or preset_path("auto")
+    except (GPUSetupError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     if base_url:  # the served model: nothing loads here, so no GPU check either
         from brandcopy.brand import load_brand
         from brandcopy.chat import ServedModel, chat_loop
@@ -363,25 +379,27 @@ def chat_command(
         try:
             if not api_model:
                 raise ValueError("--base-url needs --api-model: the name the server serves (transformers serve: the folder it loaded)")
-            cfg = load_stage_config(EvalStageConfig, config, [f"run={run}"] if run else [])
+            cfg = load_stage_config(EvalStageConfig, preset, overrides)
             served = ServedModel(base_url, api_model, api_key_env or None)
         except (ConfigError, LLMConfigError, ValueError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         chat_loop(served, None, load_brand(cfg.brand))
         return
-    cfg = _stage_config_or_exit(EvalStageConfig, config, [f"run={run}"] if run else [])
+    cfg = _stage_config_or_exit(EvalStageConfig, preset, overrides)
     from brandcopy.brand import load_brand
     from brandcopy.chat import chat_loop, load_chat_model, run_adapters
     from brandcopy.run import StageInputError
 
     try:
         adapters = run_adapters(cfg.run_dir, adapter or [])
-    except (ConfigError, StageInputError) as err:
+        model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend,
+                                           load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length)
+    except (ConfigError, StageInputError, OSError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                                       max_seq_length=cfg.max_seq_length)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (input() gains line editing, history and correct wide-character erasing)
     chat_loop(model, tokenizer, load_brand(cfg.brand))
 
 

@@ -130,6 +130,7 @@ class DPOStageConfig(CommonConfig):
     dpo_max_steps: int = -1
     dpo_batch_size: int = 1
     dpo_grad_accum: int = 8
+    dpo_eval_pairs: int = 64
 
 
 @dataclass

@@ -44,7 +44,8 @@ from pathlib import Path
 import httpx2
 import openai
 from openai.types.chat import ChatCompletion
-from tqdm.auto import tqdm
+
+from brandcopy.display import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +630,7 @@ async def arun_requests(
     start, usage_before = time.perf_counter(), asdict(client.usage)
     out, failures = JsonlAppender(out_path), JsonlAppender(failures_path)
     # delay: no bar for a run that stops at once (a refused connection, a rejected key): the error is the one line.
-    bar = tqdm(total=len(requests), initial=summary.skipped, desc=desc, unit="req", delay=0.5)
+    bar = progress_bar(len(requests), desc, initial=summary.skipped, unit="req", delay=0.5)
     try:
         async with client:
             workers = [

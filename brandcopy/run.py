@@ -343,8 +343,12 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
         raise ValueError(f"{metrics_path}: none of {', '.join(keys)} was logged")
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
-    for ax, (key, (steps, values)) in zip(axes[0], series.items()):
+    columns = min(3, len(series))  # GRPO logs 7 series: one row of 7 panels is unreadable once scaled to a page
+    rows_of_panels = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.5 * columns, 3.5 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(series):]:
+        ax.set_visible(False)
+    for ax, (key, (steps, values)) in zip(axes.flat, series.items()):
         ax.plot(steps, values, marker="o", markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")

@@ -11,6 +11,7 @@ import ast
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -186,6 +187,58 @@ def cell_text(book) -> str:
     return "\n".join(parts)
 
 
+# --- what a saved notebook shows a reader ---------------------------------------------------------
+
+MAX_PROGRESS_LINES = 3  # per cell, in printed text: a bar is one widget or display line, not one line per refresh
+MAX_CELL_LINES = 60  # a cell's output a reader can take in without scrolling past it
+PROGRESS_LINE = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+")
+
+
+def output_text(output) -> str:
+    """The text a saved output shows: stream text, plain-text display data, or an error's traceback."""
+    if output.get("output_type") == "error":
+        return "\n".join(output.get("traceback", []))
+    return output.get("text", "") + output.get("data", {}).get("text/plain", "")
+
+
+def output_problems(book) -> list[str]:
+    """What a reader of the executed notebook should not meet: tracebacks, the kernels-community warning,
+    progress bars printed as text (saved one line per refresh), and cell outputs too long to read. A bar drawn
+    as a widget or an updated display line is one output and counts as one line."""
+    problems = []
+    for number, cell in enumerate(code_cells(book), start=1):
+        texts = [output_text(output) for output in cell.outputs]
+        text = "\n".join(texts)
+        lines = [line for part in texts for line in part.replace("\r", "\n").splitlines()]
+        if any(o.get("output_type") == "error" for o in cell.outputs) or "Traceback (most recent call last)" in text:
+            problems.append(f"cell {number}: a Python traceback")
+        if "kernels-community" in text:
+            problems.append(f"cell {number}: the kernels-community warning")
+        streamed = [line for o in cell.outputs if o.get("output_type") == "stream"
+                    for line in o.get("text", "").replace("\r", "\n").splitlines()]
+        progress = sum(bool(PROGRESS_LINE.search(line)) for line in streamed)  # a bar saved once per refresh
+        if progress > MAX_PROGRESS_LINES:
+            problems.append(f"cell {number}: {progress} progress lines")
+        if len(lines) > MAX_CELL_LINES:
+            problems.append(f"cell {number}: {len(lines)} output lines (limit {MAX_CELL_LINES})")
+    return problems
+
+
+def test_output_check_flags_what_a_reader_should_not_meet():
+    stream = nbformat.v4.new_output
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell("x") for _ in range(6)]
+    book.cells[0].outputs = [stream("stream", name="stdout", text="clean samples: 189\n")]
+    book.cells[1].outputs = [stream("error", ename="ValueError", evalue="x", traceback=["Traceback (most recent call last)"])]
+    book.cells[2].outputs = [stream("stream", name="stderr", text="Failed to load CPU gemm_4bit_forward from kernels-community\n")]
+    book.cells[3].outputs = [stream("stream", name="stderr", text="".join(f"\rgenerate: {p}%|#| {p}/100 [00:01<00:01]" for p in range(0, 100, 10)))]
+    book.cells[4].outputs = [stream("stream", name="stdout", text="\n" * 100)]
+    bars = [f"Loading weights: 100%|#| 27/27 [00:00<00:00] (model {i})" for i in range(8)]  # one display line per bar
+    book.cells[5].outputs = [stream("display_data", data={"text/plain": bar}) for bar in bars]
+    assert output_problems(book) == ["cell 2: a Python traceback", "cell 3: the kernels-community warning",
+                                     "cell 4: 10 progress lines", "cell 5: 100 output lines (limit 60)"]
+
+
 @pytest.mark.slow
 def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch):
     from nbclient import NotebookClient
@@ -195,7 +248,7 @@ def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     values = run_parameters(tmp_path)
-    texts = {}
+    texts, problems = {}, {}
     for path in notebook_paths():
         book = read(path)
         inject_parameters(book, values)
@@ -205,6 +258,8 @@ def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch):
         except CellExecutionError as err:
             pytest.fail(f"{path.name} failed:\n{err}")
         texts[path.stem] = cell_text(book)
+        problems[path.stem] = output_problems(book)
+    assert {name: found for name, found in problems.items() if found} == {}, "saved outputs a reader should not meet"
     run = tmp_path / "nb"
     for stage in ("sft", "reward", "dpo", "grpo", "merged", "eval"):
         assert (run / stage / "manifest.json").is_file(), f"{stage} did not finish"

@@ -62,6 +62,8 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     train = load_split(cfg.data_path, "preference", "train")
     val = load_split(cfg.data_path, "preference", "val")
+    if cfg.dpo_eval_pairs:  # every evaluation scores each pair with the policy and the reference: keep it small
+        val = val.select(range(min(cfg.dpo_eval_pairs, len(val))))
     source = require_stage(cfg.run_dir, cfg.dpo_from, "dpo")
     resume_from = begin_stage(cfg)
     model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,

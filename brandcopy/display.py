@@ -1,0 +1,310 @@
+"""What a learner sees: expected warnings silenced (or explained once), progress bars and short readable renderings.
+
+``quiet()`` is called at the top of every notebook (and by ``brandcopy chat``) before any heavy import. It is
+idempotent and imports nothing heavy, so it can run before ``unsloth`` and ``transformers`` are imported:
+
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" is dropped. It says that an
+  optional CPU kernel package is absent; bitsandbytes falls back to its own kernel, which is what every CPU run
+  uses.
+- The reward model's transformers LOAD REPORT (``score.weight | MISSING``) is replaced by one line saying why it
+  is expected: the classification head is new and is what the reward stage trains. A report naming any other
+  missing weight is kept.
+- tqdm's "IProgress not found" warning is dropped, and ``datasets``' per-map bars are off.
+
+``progress_bar`` is the one progress bar of the library: tqdm in a terminal, one line updated in place in a
+notebook (a live bar in Jupyter, a single line in a saved notebook instead of one line per refresh).
+
+The ``*_text`` functions render results (a data step's ``RunSummary``, a ``LintResult``, what
+``fix_special_tokens`` changed, a stage's results, a chosen/rejected pair, a generated sample) as a few lines.
+"""
+
+import difflib
+import html
+import io
+import logging
+import os
+import re
+import warnings
+
+from tqdm import tqdm
+
+PROGRESS_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # one bar per dataset map: noise in a lesson
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+HEAD_EXPLANATION = ("{model}: the classification head `score.weight` is new (not in the base checkpoint), as "
+                    "expected for a reward model: the reward stage trains it.")
+NO_STOP = "[no <|im_end|>: the token budget ran out]"
+_BOUNDARY = re.compile(r"[\s，。！？；：、,.!?;:)）】」]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
+_BLANK_RUN = re.compile(r"\n\s*\n(\s*\n)+")
+
+
+# --- expected warnings ---------------------------------------------------------------------------
+
+
+class _KernelsCommunityFilter(logging.Filter):
+    """Drops bitsandbytes' note that the optional ``kernels`` package is absent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+class _HeadLoadReportFilter(logging.Filter):
+    """Replaces a LOAD REPORT whose only missing weights are ``score.*`` with one explanation, once."""
+
+    def __init__(self):
+        super().__init__()
+        self.explained = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message or not only_head_missing(message):
+            return True
+        if self.explained:
+            return False
+        self.explained = True
+        record.msg, record.args = HEAD_EXPLANATION.format(model=strip_ansi(message).split(" LOAD REPORT")[0]), None
+        return True
+
+
+def only_head_missing(report: str) -> bool:
+    """Whether a transformers LOAD REPORT lists missing weights and all of them belong to the ``score`` head."""
+    keys = [line.split("|")[0].strip() for line in strip_ansi(report).splitlines() if "MISSING" in line and "|" in line]
+    return bool(keys) and all(key.startswith("score.") for key in keys)
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _add_filter_once(logger_name: str, filter_type: type) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, filter_type) for f in logger.filters):
+        logger.addFilter(filter_type())
+
+
+def quiet() -> None:
+    """Silence the warnings every run prints and that are expected (see the module docstring). Idempotent."""
+    _add_filter_once(BNB_CPU_LOGGER, _KernelsCommunityFilter)
+    _add_filter_once(LOAD_REPORT_LOGGER, _HeadLoadReportFilter)
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    for name, value in PROGRESS_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+def in_notebook() -> bool:
+    """Whether the code runs in a Jupyter kernel (not a terminal IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+class NotebookBar(tqdm):
+    """tqdm drawn through one IPython display handle: an HTML bar while it runs, one text line once saved."""
+
+    def __init__(self, *args, **kwargs):
+        from IPython.display import display
+
+        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+        super().__init__(*args, file=io.StringIO(), **kwargs)  # the display handle draws, not a stream
+
+    def display(self, msg=None, pos=None):
+        line = msg or self.format_meter(**self.format_dict)
+        bar = f'<progress value="{self.n}" max="{self.total or 1}"></progress> '
+        self._handle.update({"text/plain": line, "text/html": bar + html.escape(line)}, raw=True)
+        return True
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, unit: str = "it", delay: float = 0.0) -> tqdm:
+    """The library's progress bar: tqdm in a terminal, a ``NotebookBar`` in a notebook.
+
+    Args:
+        total: Number of steps.
+        desc: Label in front of the bar.
+        initial: Steps already done (a resumed run).
+        unit: Unit after the counts.
+        delay: Seconds before the bar first shows (a run that fails at once shows only its error).
+    """
+    bar = NotebookBar if in_notebook() else tqdm
+    return bar(total=total, initial=initial, desc=desc, unit=unit, mininterval=0.5, delay=delay)
+
+
+# --- renderings ------------------------------------------------------------------------------------
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a space or punctuation (never mid-word), with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = max((m.end() for m in _BOUNDARY.finditer(text, 0, limit)), default=limit)
+    return text[: cut if cut > limit // 2 else limit].rstrip() + "…"
+
+
+def sample_text(text: str, stopped: bool | None = None, limit: int = 300) -> str:
+    """A generated copy made readable: control characters and broken bytes shown as ``·``, runs of blank lines
+    collapsed to one marker, cut at ``limit``, and a mark when the model never emitted ``<|im_end|>``."""
+    text = _CONTROL.sub("·", text.replace("\r", "")).strip()
+    text = _BLANK_RUN.sub(lambda m: f"\n⏎×{m.group(0).count(chr(10)) - 1}\n", text)
+    text = shorten(text, limit) if text else "(empty)"
+    return f"{text}\n{NO_STOP}" if stopped is False else text
+
+
+def run_summary_text(summary, label: str = "") -> str:
+    """One line for a data step's ``llm.RunSummary``: what was produced, failed and skipped, time and tokens.
+
+    ``cost`` is the estimate at the client's configured price per million tokens (USD for DeepSeek's list price);
+    the built-in scripted server is free, whatever the estimate says.
+    """
+    usage = summary.usage
+    tokens = f"{usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} completion tokens"
+    return (f"{label + ': ' if label else ''}{summary.produced} produced, {summary.failed} failed, "
+            f"{summary.skipped} already done; {summary.seconds:.1f} s; {usage.get('calls', 0)} calls "
+            f"({usage.get('cached', 0)} cached), {tokens}, est. ${summary.cost:.2f} at list price")
+
+
+def report_text(report: dict) -> str:
+    """A data step's report (``clean``/``make_negatives``: RunSummary values and counts) as one line each."""
+    lines = []
+    for name, value in report.items():
+        lines.append(run_summary_text(value, name) if hasattr(value, "produced") else f"{name}: {value}")
+    return "\n".join(lines)
+
+
+def lint_result_text(result, text: str, width: int = 12) -> str:
+    """A ``LintResult``: "clean" or each violation with its kind, message and the offending span in context."""
+    if result.clean:
+        return f"clean (score {result.score:.2f})"
+    lines = [f"score {result.score:.2f}, {len(result.violations)} violation(s):"]
+    for v in result.violations:
+        start, end = v.span
+        context = f"…{text[max(0, start - width):start]}⟦{text[start:end]}⟧{text[end:end + width]}…".replace("\n", " ")
+        lines.append(f"  - {v.kind}: {v.message}  {context}")
+    return "\n".join(lines)
+
+
+def changes_text(changes: dict) -> str:
+    """What ``fix_special_tokens`` changed, one ``field: before -> after`` line each (templates summarised)."""
+    if not changes:
+        return "nothing to change (already fixed)"
+    lines = []
+    for name, (before, after) in changes.items():
+        if name == "chat_template":
+            before, after = "the base template", "the same template with {% generation %} markers for assistant-only loss"
+        lines.append(f"  {name}: {before!r} -> {after!r}" if name != "chat_template" else f"  {name}: {before} -> {after}")
+    return "\n".join(lines)
+
+
+STAGE_RESULT_NOTES = {
+    "train_loss": "mean training loss over all steps",
+    "eval_loss": "loss on the held-out val split (val products)",
+    "global_step": "optimizer steps taken",
+    "changed_tensors": "parameter tensors that changed during training (0 would mean nothing was trained)",
+    "heldout_pairwise_accuracy_before": "held-out pairs ranked correctly before training (0.5 = chance)",
+    "heldout_pairwise_accuracy": "held-out pairs ranked correctly after training",
+    "eval_reward_accuracy": "held-out pairs where the policy prefers chosen over rejected more than the reference does",
+    "rewards": "mean of each GRPO reward over the last logged step",
+    "merged_from": "adapter folded into the base",
+    "resumed_from": "checkpoint the stage resumed from",
+    "started_from": "adapter the stage started from",
+}
+
+
+def _value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def stage_results_text(results: dict) -> str:
+    """A stage's headline results (``demo.stage_summary``), one labelled and explained line each."""
+    lines = [f"  {key:34s} {_value(value):>10s}  {STAGE_RESULT_NOTES.get(key, '')}".rstrip()
+             for key, value in results.items() if value is not None]
+    if isinstance(results.get("train_loss"), float) and isinstance(results.get("eval_loss"), float):
+        gap = results["eval_loss"] - results["train_loss"]
+        lines.append(f"  eval - train loss = {gap:+.2f}: a large positive gap means the model fits the training "
+                     "copy better than unseen products (memorising; expected for a tiny model on 126 samples)")
+    return "\n".join(lines)
+
+
+def pair_diff_text(chosen: str, rejected: str, context: int = 15) -> str:
+    """Where a rejected answer differs from its chosen one: each change as ``[-chosen-][+rejected+]`` with a
+    little context, instead of two long texts that look alike."""
+    matcher = difflib.SequenceMatcher(None, chosen, rejected, autojunk=False)
+    hunks = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    if not hunks:
+        return "identical texts"
+    lines = []
+    for tag, a0, a1, b0, b1 in hunks[:6]:
+        removed = f"[-{chosen[a0:a1]}-]" if a1 > a0 else ""
+        added = f"[+{rejected[b0:b1]}+]" if b1 > b0 else ""
+        before, after = chosen[max(0, a0 - context):a0], chosen[a1:a1 + context]
+        lines.append(f"  …{before}{shorten(removed, 80)}{shorten(added, 80)}{after}…".replace("\n", " "))
+    if len(hunks) > 6:
+        lines.append(f"  (+{len(hunks) - 6} more changes)")
+    same = matcher.ratio()
+    return f"{len(hunks)} change(s), {same:.0%} of the text shared:\n" + "\n".join(lines)
+
+
+# --- the evaluation at a glance --------------------------------------------------------------------
+
+OVERVIEW_METRICS = {"stop_rate": "stopped", "distinct_2": "distinct-2", "lint_score": "lint", "fact_pass_rate": "facts ok"}
+
+
+def eval_overview_markdown(eval_dir, link_from=None) -> str:
+    """The evaluation at a glance (from ``results.json``): per model the judge's overall mean score, the greedy stop
+    rate and a few offline metrics, the position-bias figures, and a link to the full ``report.md``.
+
+    Args:
+        eval_dir: The eval stage folder.
+        link_from: Folder the link is made relative to (a notebook's folder); None: the absolute path.
+    """
+    import json
+    from pathlib import Path
+
+    eval_dir = Path(eval_dir)
+    results = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))
+    judged = results["judge_means"].get("overall", {})
+    greedy = results["metrics"].get("greedy", {})
+    header = ["model", "judge (1-5)", "eval loss", *OVERVIEW_METRICS.values()]
+    rows = [[name, judged.get(name), results["losses"].get(name, {}).get("eval_loss"),
+             *[greedy.get(name, {}).get("overall", {}).get(key) for key in OVERVIEW_METRICS]] for name in results["models"]]
+    rows.append(["golden", judged.get("golden"), None, *[None] * len(OVERVIEW_METRICS)])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in rows]
+    bias = [f"- **{name}**: the first position won {b['first_won_original']:.0%} of best-of-3 rounds in the original "
+            f"order, {b['first_won_swapped']:.0%} after swapping (about 33% without bias); the orders agreed on "
+            f"{b['agreement']:.0%}, {b['ties']} ties, {b['failed']} failed, of {b['n']}"
+            for name, b in results["position_bias"].items()]
+    report = eval_dir / "report.md"
+    link = os.path.relpath(report, link_from) if link_from else str(report)
+    partial = "\n\n**PARTIAL**: " + "; ".join(results["partial"]) if results["partial"] else ""
+    return "\n".join([f"{results['n_prompts']} val prompts, judge: {results['judge'] or 'not run'}.{partial}", "",
+                      *lines, "", "Position bias of the judge:", *bias, "",
+                      f"Everything else (per content type, sampled decoding, charts, failures): [report.md]({link})"])
+
+
+def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
+    """The first ``n`` val prompts of an evaluation: golden copy and each model's greedy copy, readable
+    (``sample_text``: blank runs collapsed, a mark where the model never emitted ``<|im_end|>``)."""
+    import json
+    from pathlib import Path
+
+    from brandcopy.demo import eval_samples
+
+    rows = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    stopped = {(r["id"], r["model"]): r["stopped"] for r in rows if r["setting"] == "greedy"}
+    parts = []
+    for sample in eval_samples(eval_dir, n):
+        parts.append(f"=== {sample['id']} ({sample['content_type']})\n--- golden\n{shorten(sample['golden'], limit)}")
+        parts += [f"--- {name}\n{sample_text(text, stopped[sample['id'], name], limit)}" for name, text in sample["models"].items()]
+    return "\n".join(parts)

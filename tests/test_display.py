@@ -1,0 +1,138 @@
+"""What a learner sees: expected warnings filtered, readable renderings of results and samples."""
+
+import logging
+
+from brandcopy.brand import load_brand
+from brandcopy.display import (
+    BNB_CPU_LOGGER,
+    LOAD_REPORT_LOGGER,
+    NO_STOP,
+    changes_text,
+    lint_result_text,
+    pair_diff_text,
+    quiet,
+    run_summary_text,
+    sample_text,
+    shorten,
+    stage_results_text,
+)
+from brandcopy.lint import lint_text
+from brandcopy.llm import RunSummary
+
+HEAD_REPORT = ("\x1b[1mQwen2ForSequenceClassification LOAD REPORT\x1b[0m from: tiny\n"
+               "Key          | Status  | \n-------------+---------+-\nscore.weight | MISSING | \n\nNotes:\n"
+               "- MISSING: those params were newly initialized. Consider training on your downstream task.")
+
+
+def _emit(logger_name, message, caplog):
+    caplog.clear()
+    logging.getLogger(logger_name).warning(message)
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_quiet_drops_the_kernels_warning_and_explains_the_head_report_once(caplog):
+    quiet()
+    quiet()  # idempotent: one filter per logger
+    assert len(logging.getLogger(BNB_CPU_LOGGER).filters) == 1
+    assert _emit(BNB_CPU_LOGGER, "Failed to load CPU gemm_4bit_forward from kernels-community: No module", caplog) == []
+    assert _emit(BNB_CPU_LOGGER, "some other bitsandbytes warning", caplog) == ["some other bitsandbytes warning"]
+    other = HEAD_REPORT.replace("score.weight", "model.layers.0.mlp.up_proj.weight")
+    assert _emit(LOAD_REPORT_LOGGER, other, caplog) == [other]  # a real problem is never hidden
+    explained = _emit(LOAD_REPORT_LOGGER, HEAD_REPORT, caplog)
+    assert len(explained) == 1 and "Qwen2ForSequenceClassification" in explained[0] and "expected" in explained[0]
+    assert "\x1b" not in explained[0] and "MISSING" not in explained[0]
+    assert _emit(LOAD_REPORT_LOGGER, HEAD_REPORT, caplog) == []  # explained once
+
+
+def test_shorten_cuts_at_a_boundary_never_mid_word():
+    text = "lint rejected: forbidden_word 最强 at 12-14; missing_cta required for paid ads"
+    short = shorten(text, 40)
+    assert short.endswith("…") and len(short) <= 41
+    assert text.startswith(short[:-1]) and text[len(short) - 1] in " ;:"
+    assert shorten("短文案", 10) == "短文案"
+
+
+def test_sample_text_collapses_blank_runs_marks_no_stop_and_control_characters():
+    raw = "第一行\n\n\n\n\n\n第二行\x07\ufffd" + "\n" * 40
+    shown = sample_text(raw, stopped=False)
+    assert shown.count("\n") == 3 and "⏎×" in shown and "\x07" not in shown and "\ufffd" not in shown
+    assert shown.endswith(NO_STOP)
+    assert sample_text("完整文案", stopped=True) == "完整文案"
+    assert sample_text("\n\n\n", stopped=False).startswith("(empty)")
+
+
+def test_run_summary_and_stage_results_read_as_labelled_lines():
+    summary = RunSummary(produced=126, failed=198, seconds=3.0819653529997595,
+                         usage={"calls": 720, "cached": 0, "prompt_tokens": 1662880, "completion_tokens": 49124},
+                         cost=0.48623848000000003)
+    line = run_summary_text(summary, "train")
+    assert line.startswith("train: 126 produced, 198 failed") and "3.1 s" in line and "$0.49" in line
+    assert "1,662,880 prompt" in line and "\n" not in line
+    text = stage_results_text({"train_loss": 3.21449, "eval_loss": 6.2, "changed_tensors": 30})
+    assert "3.214" in text and "changed during training" in text and "+2.99" in text and "memorising" in text
+
+
+def test_lint_result_and_changes_show_the_offending_span():
+    brand = load_brand("yuansu")
+    text = "这瓶精华是最强的修护神器！！"
+    result = lint_text(brand, text, "social_media_review")
+    shown = lint_result_text(result, text)
+    assert f"{len(result.violations)} violation(s)" in shown and "⟦神器⟧" in shown
+    assert "Violation(" not in shown
+    changes = {"chat_template": ("{{ x }}", "{% generation %}"), "config.bos_token_id": (0, None)}
+    rendered = changes_text(changes)
+    assert "config.bos_token_id: 0 -> None" in rendered and "{{ x }}" not in rendered
+    assert changes_text({}).startswith("nothing")
+
+
+def test_pair_diff_shows_only_what_differs():
+    chosen = "烟酰胺浓度 5%，搭配 1.5% 的传明酸，温和提亮。" * 3
+    rejected = chosen.replace("1.5%", "0.5%", 1)
+    diff = pair_diff_text(chosen, rejected)
+    assert diff.startswith("1 change(s)") and "[-1-][+0+]" in diff
+    assert len(diff) < len(chosen)
+    assert pair_diff_text(chosen, chosen) == "identical texts"
+
+
+def test_eval_overview_is_one_table_with_stop_rate_bias_and_a_link(tmp_path):
+    import json
+
+    from brandcopy.display import eval_overview_markdown
+
+    bias = {"first_won_original": 0.9, "first_won_swapped": 0.1, "agreement": 0.2, "ties": 8, "failed": 0, "n": 10}
+    metrics = {"overall": {"stop_rate": 0.25, "distinct_2": 0.009, "lint_score": 0.5, "fact_pass_rate": 1.0}}
+    results = {"models": ["base", "dpo"], "n_prompts": 10, "judge": "scripted", "partial": [],
+               "judge_means": {"overall": {"base": 1.75, "dpo": 1.3, "golden": 4.2}, "paid_ad_cta": {"base": 2.0}},
+               "losses": {"base": {"eval_loss": 6.2}, "dpo": {"eval_loss": 5.1}},
+               "metrics": {"greedy": {"base": metrics, "dpo": metrics}}, "position_bias": {"dpo": bias}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    text = eval_overview_markdown(tmp_path / "eval", link_from=tmp_path / "notebooks")
+    assert "| dpo | 1.30 | 5.10 | 0.25 | 0.01 | 0.50 | 1.00 |" in text and "| golden | 4.20 |" in text
+    assert "90% of best-of-3 rounds" in text and "10% after swapping" in text
+    assert "[report.md](../eval/report.md)" in text and "paid_ad_cta" not in text
+
+
+def test_a_curve_with_many_series_wraps_into_rows_of_three(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from brandcopy.run import plot_metrics
+
+    keys = tuple(f"rewards/r{k}" for k in range(7))  # GRPO logs the total and six rewards
+    rows = [{"step": step, **{key: step * k for k, key in enumerate(keys)}} for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    width, height = Image.open(plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "curve.png", keys)).size
+    assert width <= 3 * 450 + 10 and height >= 3 * 350 - 10  # 3 panels wide, 3 rows (at 100 dpi)
+
+
+def test_the_progress_bar_is_plain_tqdm_outside_a_notebook():
+    from tqdm import tqdm
+
+    from brandcopy.display import NotebookBar, progress_bar
+
+    bar = progress_bar(3, "generate", initial=1, unit="req")
+    bar.update(2)
+    assert type(bar) is tqdm and bar.n == 3 and not isinstance(bar, NotebookBar)
+    bar.close()

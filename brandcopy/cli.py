@@ -507,7 +507,7 @@ def demo(
     api_key_env: str = typer.Option("DEEPSEEK_API_KEY", envvar="BRANDCOPY_API_KEY_ENV",
                                     help="NAME of the environment variable holding the endpoint's key."),
 ):
-    """The whole pipeline on the CPU default: tiny model, data, SFT, reward model, GRPO, merge, judged evaluation."""
+    """The whole pipeline on the CPU default: tiny model, data, SFT, reward model, DPO, GRPO, merge, judged evaluation."""
     from brandcopy.backend import GPUSetupError, prepare_backend
     from brandcopy.config import ConfigError, SFTStageConfig
     from brandcopy.demo import stage_config
@@ -531,6 +531,7 @@ def demo(
         for name, text in sample["models"].items():
             typer.echo(f"--- {name}: {text[:120] or '(empty: only whitespace before the token budget ran out)'}")
     typer.echo("\n" + "\n".join(f"{stage}: {summary}" for stage, summary in result.summaries.items()))
+    typer.echo("\n" + result.changes)
     typer.echo("seconds: " + ", ".join(f"{step} {seconds}" for step, seconds in result.seconds.items()))
     typer.echo(f"run directory: {result.run_dir}\nreport: {result.report}")
 

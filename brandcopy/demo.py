@@ -34,7 +34,10 @@ from brandcopy.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml", "data/brands/*/*.jsonl")
+CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml")
+# The tiny model's shape and its pre-training pass (the demo's stand-in for a pre-trained base model).
+TINY_MODEL_SHAPE = {"vocab_size": 8192, "hidden_size": 64, "num_layers": 2}
+TINY_PRETRAIN = {"steps": 80, "batch_size": 8, "block_size": 128, "lr": 3e-3}
 CPU_PRESET = "tiny-cpu"
 GPU_PRESET = "qwen2.5-7b-24gb"
 # `auto` by the card's memory: (at least GiB, preset), largest first; below the last, SMALL_GPU_PRESET.
@@ -178,9 +181,35 @@ def _reads(cls: type, key: str) -> bool:
 
 
 def repo_texts(root: Path = REPO) -> list[str]:
-    """Non-empty lines of the repository's docs and data, the tiny tokenizer's training text."""
+    """The tiny tokenizer's training text: non-empty lines of the repository's docs and YAML data, and
+    ``brand_corpus`` (so no val golden copy)."""
     files = sorted({path for pattern in CORPUS_GLOBS for path in root.glob(pattern)})
-    return [line for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines + brand_corpus(root)
+
+
+def brand_corpus(root: Path = REPO) -> list[str]:
+    """The tiny base model's pre-training text: the domain's language, without the evaluation's answers.
+
+    For every brand under ``data/brands``: its system prompt (persona, philosophy, tone rules), each
+    product's name and facts, each content type's brief, and the golden copy of the **train** products
+    only. The val products' golden copy, which evaluation compares against, is left out. Plus
+    ``data/tiny_corpus.txt``. Plain text: no chat markup and no ``<|im_end|>``, so the base model learns
+    the language but not when an answer ends (that is SFT's job).
+    """
+    from brandcopy.brand import load_brand, load_golden
+    from brandcopy.prompts import product_facts, system_prompt
+
+    corpus = [line for line in (root / "data" / "tiny_corpus.txt").read_text(encoding="utf-8").splitlines()
+              if line.strip() and not line.startswith("#")]
+    for folder in sorted(p for p in (root / "data" / "brands").iterdir() if (p / "brand.yaml").is_file()):
+        brand = load_brand(folder)
+        val = set(brand.split()["val"])
+        corpus.append(system_prompt(brand))
+        corpus += [f"{product.name}\n{product_facts(product)}" for product in brand.products.values()]
+        corpus += [f"{kind.name_zh}：{kind.instruction}" for kind in brand.content_types.values()]
+        corpus += [record["text"] for record in load_golden(brand) if record["product_id"] not in val]
+    return corpus
 
 
 def ensure_tiny_model(model: str | Path) -> Path | None:
@@ -192,14 +221,15 @@ def ensure_tiny_model(model: str | Path) -> Path | None:
     Returns:
         The tiny model folder, or None when ``model`` is not a tiny-model folder.
     """
-    from brandcopy.modeling import build_tiny_model
+    from brandcopy.modeling import PretrainSettings, build_tiny_model
 
     path = Path(model)
     if path.name != TINY_MODEL_NAME:
         return None
     if (path / "config.json").is_file():
         return path
-    return build_tiny_model(path, repo_texts())
+    pretrain = PretrainSettings(brand_corpus(), **TINY_PRETRAIN)
+    return build_tiny_model(path, repo_texts(), **TINY_MODEL_SHAPE, pretrain=pretrain)
 
 
 @contextmanager
@@ -301,6 +331,8 @@ class DemoResult:
         samples: A few val prompts with the golden copy and every model's greedy copy.
         summaries: Headline results of each training stage (``stage_summary``).
         seconds: Wall time of each step.
+        changes: "What each stage changed": the evaluation's table (stop rate, lint, facts ok, brand reward,
+            preference accuracy, eval loss for base, SFT, DPO, GRPO, merged).
     """
 
     run_dir: Path
@@ -308,11 +340,12 @@ class DemoResult:
     samples: list[dict]
     summaries: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    changes: str = ""
 
 
 def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (), *, base_url: str = "",
              api_model: str = "deepseek-chat", api_key_env: str = "DEEPSEEK_API_KEY", n_samples: int = 3) -> DemoResult:
-    """The whole pipeline in one run directory: tiny model, data, SFT, reward model, GRPO, merge, evaluation.
+    """The whole pipeline in one run directory: tiny model, data, SFT, reward model, DPO, GRPO, merge, evaluation.
 
     Args:
         preset: Preset name or path; the CPU default ``tiny-cpu`` runs in minutes on 2 cores.
@@ -326,7 +359,8 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
     Returns:
         The run directory, the report's path, samples, stage results and timings.
     """
-    from brandcopy.evaluate import run_eval
+    from brandcopy.evaluate import run_eval, stage_table
+    from brandcopy.train.dpo import run_dpo
     from brandcopy.train.grpo import run_grpo
     from brandcopy.train.merge import run_merge
     from brandcopy.train.reward import run_reward
@@ -341,6 +375,7 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
         ("data", lambda: _demo_data(sft, base_url, api_model, api_key_env)),
         ("sft", lambda: run_sft(sft)),
         ("reward", lambda: run_reward(configs["reward"])),
+        ("dpo", lambda: run_dpo(configs["dpo"])),
         ("grpo", lambda: run_grpo(configs["grpo"])),
         ("merged", lambda: run_merge(configs["merged"])),
         ("eval", lambda: run_eval(configs["eval"])),
@@ -350,9 +385,11 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
         started = time.perf_counter()
         step()
         result.seconds[name] = round(time.perf_counter() - started, 1)
-        if name in ("sft", "reward", "grpo"):
+        if name in ("sft", "reward", "dpo", "grpo"):
             result.summaries[name] = stage_summary(sft.run_dir / name)
     result.samples = eval_samples(configs["eval"].out_dir, n_samples)
+    results = json.loads((configs["eval"].out_dir / "results.json").read_text(encoding="utf-8"))
+    result.changes = "What each stage changed (greedy, val split):\n" + stage_table(results["stages"])
     return result
 
 

@@ -5,7 +5,8 @@
 - ``generations.jsonl``: every model's copy for every val prompt, per generation setting;
 - ``judge/``: the judge's raw answers and failures (resumable; answers are cached by llm.py);
 - ``results.json``: every number of the report;
-- ``report.md``: the seed's table per content type (n, golden / fine-tuned / base mean score,
+- ``report.md``: "what each stage changed" (stop rate, lint, facts ok, brand reward, preference
+  accuracy, eval loss per model, with ``charts/stages.png``), the seed's table per content type (n, golden / fine-tuned / base mean score,
   best-model counts), a position-bias line, offline metrics, and bar charts ``charts/*.png``;
 - ``side_by_side.md``: N prompts x models, with the generation parameters and times on top;
 - ``manifest.json`` (written last).
@@ -47,11 +48,12 @@ from brandcopy.judge import (
     position_bias,
 )
 from brandcopy.llm import LLMClient, LLMConfigError, LLMError
-from brandcopy.metrics import Sample, completion_loss, offline_metrics
+from brandcopy.metrics import Sample, completion_loss, offline_metrics, preference_accuracy
 from brandcopy.mockserver import ScriptedServer
 from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
 from brandcopy.prompts import chat_messages
-from brandcopy.run import is_complete, require_stage, write_manifest
+from brandcopy.rewards import cta_reward, fact_reward, format_reward, lint_reward
+from brandcopy.run import DATA_KINDS, data_file, is_complete, read_jsonl, require_stage, write_manifest
 
 __all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate"]
 
@@ -72,6 +74,15 @@ METRIC_COLUMNS = {  # offline metric -> report column
     "fact_pass_rate": "facts ok",
     "cta_rate": "CTA (ads)",
 }
+BRAND_REWARDS = (lint_reward, fact_reward, format_reward, cta_reward)  # GRPO's rule-based rewards, equally weighted
+STAGE_COLUMNS = {  # "what each stage changed": key of stage_changes() -> column
+    "stop_rate": "stopped",
+    "lint_score": "lint",
+    "fact_pass_rate": "facts ok",
+    "brand_reward": "brand reward",
+    "preference_accuracy": "pref. acc.",
+    "eval_loss": "eval loss",
+}
 
 
 @dataclass
@@ -84,6 +95,8 @@ class EvalResults:
     generations: dict[str, dict[str, list[Generation]]] = field(default_factory=dict)  # setting -> model -> copies
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # setting -> model -> wall time
     losses: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> eval_loss / perplexity
+    preference: dict[str, float] = field(default_factory=dict)  # model -> held-out preference accuracy
+    rewards: dict[str, float] = field(default_factory=dict)  # model -> mean brand reward of its greedy copy
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # setting -> model -> group -> metric
     scores: list[SingleScore] = field(default_factory=list)
     verdicts: dict[str, list[BestOfVerdict]] = field(default_factory=dict)  # fine-tuned model -> verdicts
@@ -98,6 +111,7 @@ class EvalResults:
             "seconds": self.seconds,
             "losses": self.losses,
             "metrics": self.metrics,
+            "stages": stage_changes(self),
             "judge": self.judge,
             "judge_means": mean_scores(self.scores),
             "best_counts": {m: {g: dict(c) for g, c in best_counts(v).items()} for m, v in self.verdicts.items()},
@@ -152,6 +166,12 @@ def generation_settings(cfg: EvalStageConfig) -> list[GenerationParams]:
     return [greedy, sampled]
 
 
+def preference_rows(cfg: EvalStageConfig) -> list[dict]:
+    """The held-out preference pairs (``preference_val.jsonl`` of the run's data), [] when there are none."""
+    path = data_file(cfg.data_path, "preference", "val")
+    return read_jsonl(path, DATA_KINDS["preference"]) if path.is_file() else []
+
+
 def load_eval_model(cfg: EvalStageConfig, name: str):
     """``(model, tokenizer)`` of one evaluated model, frozen, with EOS/pad fixed."""
     options = {"backend": cfg.backend, "load_in_4bit": cfg.load_in_4bit, "max_seq_length": cfg.max_seq_length}
@@ -173,10 +193,13 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list, results: EvalResults) -> None:
-    """Load one model, score the golden copy and generate every setting; the model dies with this frame."""
+def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list, pairs: list,
+                   results: EvalResults) -> None:
+    """Load one model, score the golden copy and the held-out pairs, generate every setting; the model dies with this frame."""
     model, tokenizer = load_eval_model(cfg, name)
     results.losses[name] = completion_loss(model, tokenizer, golden, cfg.eval_batch_size)
+    if pairs:
+        results.preference[name] = preference_accuracy(model, tokenizer, pairs, cfg.eval_batch_size)
     for params in results.params:
         copies, seconds = timed_generate(model, tokenizer, prompts, params, cfg.eval_batch_size)
         results.generations.setdefault(params.name, {})[name] = copies
@@ -185,15 +208,17 @@ def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list,
 
 
 def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
-    """Load each model once, one at a time: the previous model is freed before the next one loads.
+    """Load each model once, one at a time, and free it before the next one loads: completion loss on
+    the golden copy, preference accuracy on the held-out pairs, then every generation setting.
 
     On a 24 GB card two models at once (the 4-bit GRPO policy beside the 16-bit merged model) do
     not fit, so no name in this loop may keep a model alive across iterations.
     """
     prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
     golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
+    pairs = preference_rows(cfg)
     for name in results.models:
-        evaluate_model(cfg, name, prompts, golden, results)
+        evaluate_model(cfg, name, prompts, golden, pairs, results)
         release_memory()
 
 
@@ -216,6 +241,66 @@ def score_offline(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
             samples = [Sample(r["content_type"], r["product_id"], c.text, r["text"], c.stopped)
                        for r, c in zip(results.records, copies)]
             results.metrics.setdefault(setting, {})[name] = offline_metrics(brand, samples, cfg.eval_rouge_unit)
+
+
+def brand_reward(cfg: EvalStageConfig, records: list[dict], copies: list[Generation]) -> float:
+    """Mean over copies of GRPO's rule-based rewards (lint, fact, format, CTA; the functions GRPO trains
+    with, equally weighted), each in [0, 1]."""
+    columns = {"brand": [cfg.brand] * len(records), "content_type": [r["content_type"] for r in records],
+               "product_id": [r["product_id"] for r in records]}
+    texts = [c.text for c in copies]
+    per_reward = [reward(texts, **columns) for reward in BRAND_REWARDS]
+    return sum(map(sum, per_reward)) / (len(BRAND_REWARDS) * len(texts))
+
+
+def score_rewards(cfg: EvalStageConfig, results: EvalResults) -> None:
+    """Each model's mean brand reward on its greedy copy."""
+    for name, copies in results.generations["greedy"].items():
+        results.rewards[name] = brand_reward(cfg, results.records, copies)
+
+
+def stage_changes(results: EvalResults) -> list[dict]:
+    """One row per model in pipeline order: greedy stop rate, lint, facts ok, brand reward, preference
+    accuracy and eval loss (None where a number was not measured, e.g. no preference pairs)."""
+    rows = []
+    for name in results.models:
+        overall = results.metrics["greedy"][name]["overall"]
+        rows.append({"model": name, "stop_rate": overall["stop_rate"], "lint_score": overall["lint_score"],
+                     "fact_pass_rate": overall["fact_pass_rate"], "brand_reward": results.rewards[name],
+                     "preference_accuracy": results.preference.get(name),
+                     "eval_loss": results.losses[name]["eval_loss"]})
+    return rows
+
+
+def stage_table(rows: list[dict]) -> str:
+    """"What each stage changed" as a markdown table (rows of ``stage_changes``; None shows as –)."""
+    cells = [[r["model"], *[math.nan if r[k] is None else r[k] for k in STAGE_COLUMNS]] for r in rows]
+    return _table(["model", *STAGE_COLUMNS.values()], cells)
+
+
+def plot_stage_chart(rows: list[dict], path: Path) -> Path:
+    """``stages.png``: each [0, 1] measure of ``stage_changes`` across the models, eval loss on its own axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [r["model"] for r in rows]
+    fig, (rates, loss) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    for key, label in list(STAGE_COLUMNS.items())[:-1]:
+        rates.plot(names, [math.nan if r[key] is None else r[key] for r in rows], marker="o", label=label)
+    rates.set_ylim(0, 1.05)
+    rates.set_title("what each stage changed (greedy, val split)")
+    rates.legend(fontsize=8)
+    loss.bar(names, [r["eval_loss"] for r in rows], color="grey")
+    loss.set_title("eval loss on golden copy")
+    loss.tick_params(axis="x", labelrotation=45)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return tmp.replace(path)
 
 
 def judge_items(results: EvalResults) -> list[JudgeItem]:
@@ -402,6 +487,11 @@ def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, 
     if results.missing:
         parts.append("> **PARTIAL**: this report is incomplete.\n" + "\n".join(f"> - {m}" for m in results.missing))
     parts.append("\n".join(header_lines(cfg, results, started)))
+    parts.append("## What each stage changed\n\nGreedy copy of the val prompts: share that ended with the model's own "
+                 "`<|im_end|>` (stopped), lint score, share without a fact error, mean brand reward (GRPO's lint, fact, "
+                 "format and CTA rewards), share of held-out preference pairs whose chosen answer is more likely "
+                 "than the rejected one, and the loss on the golden copy.\n\n"
+                 f"{stage_table(stage_changes(results))}\n\n![what each stage changed](charts/stages.png)")
     if results.scores:
         parts.append("## Judge: golden vs fine-tuned vs base\n\nMean single-answer score (1-5, mean of "
                      f"{', '.join(DIMENSION_NAMES.values())}); best-of-3 blind, judged in two orders, "
@@ -469,6 +559,7 @@ def run_eval(cfg: EvalStageConfig) -> Path:
     generate_all(cfg, brand, results)
     write_generations(out / "generations.jsonl", results)
     score_offline(cfg, brand, results)
+    score_rewards(cfg, results)
     if cfg.eval_judge:
         try:
             run_judge(cfg, brand, results)
@@ -476,6 +567,7 @@ def run_eval(cfg: EvalStageConfig) -> Path:
             results.missing.append(f"the LLM judge did not finish: {err}")
     results.missing = missing_parts(cfg, results)
     charts = plot_judge_charts(results, out / "charts") if results.scores else {}
+    plot_stage_chart(stage_changes(results), out / "charts" / "stages.png")
     atomic_write_text(out / "results.json", json.dumps(results.as_dict(), ensure_ascii=False, indent=2, default=float))
     atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
     atomic_write_text(out / "report.md", render_report(cfg, results, charts, started))

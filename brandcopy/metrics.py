@@ -198,3 +198,46 @@ def completion_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
         total, count = total + nll, count + n
     loss = total / count
     return {"eval_loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def _batch_logprobs(model, batch: list[tuple[list[int], int]], pad_id: int) -> list[float]:
+    """Summed log-probability of each row's completion tokens in a right-padded batch."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+    lengths = torch.tensor([len(ids) for ids, _ in batch])
+    attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+    targets = labels[:, 1:].to(model.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return (-nll.sum(dim=1)).tolist()
+
+
+@torch.inference_mode()
+def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Share of preference pairs whose chosen answer the model finds more likely than the rejected one.
+
+    The likelihood is the summed log-probability of the answer's tokens and its end-of-turn token
+    given the prompt, the quantity DPO raises for chosen and lowers for rejected answers.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (pad and eos set).
+        rows: Conversational preference rows (``prompt``, ``chosen``, ``rejected`` message lists).
+        batch_size: Sequences per forward pass.
+
+    Raises:
+        ValueError: If there are no rows.
+    """
+    if not rows:
+        raise ValueError("no preference pairs to score")
+    model.eval()
+    scores = {}
+    for side in ("chosen", "rejected"):
+        examples = [_completion_example(tokenizer, row["prompt"] + row[side]) for row in rows]
+        scores[side] = [lp for start in range(0, len(examples), batch_size)
+                        for lp in _batch_logprobs(model, examples[start : start + batch_size], tokenizer.pad_token_id)]
+    return sum(c > r for c, r in zip(scores["chosen"], scores["rejected"])) / len(rows)

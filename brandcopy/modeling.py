@@ -219,8 +219,9 @@ def build_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    pretrain: "PretrainSettings | None" = None,
 ) -> Path:
-    """Train a Qwen2 tokenizer on `texts` and save it with a small random Qwen2ForCausalLM.
+    """Train a Qwen2 tokenizer on `texts` and save it with a small Qwen2ForCausalLM, random or pre-trained.
 
     The tokenizer is a byte-level BPE with Qwen2's split regex and NFC normalization (what
     AutoTokenizer rebuilds as Qwen2Tokenizer, so ids survive a reload), the ChatML special tokens
@@ -234,6 +235,9 @@ def build_tiny_model(
         hidden_size: Model width; bitsandbytes' CPU 4-bit kernels need at least 64.
         num_layers: Decoder layers.
         seed: Seed for the model's random weights.
+        pretrain: When given, a short next-token pre-training pass on its texts (plain text, no chat
+            markup, so the base learns the domain's language but not when a turn ends); its losses are
+            saved in ``pretraining.json``. None leaves the weights random.
 
     Returns:
         The folder, loadable by AutoModelForCausalLM / AutoTokenizer with HF_HUB_OFFLINE=1.
@@ -246,10 +250,76 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     tokenizer = train_qwen2_tokenizer(texts, vocab_size=vocab_size)
     model = _tiny_qwen2(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    report = pretrain_tiny_model(model, tokenizer, pretrain) if pretrain else None
     tokenizer.save_pretrained(out_dir)
-    model.save_pretrained(out_dir)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     weights_follow_umask(out_dir, out_dir / "config.json")
+    if report:
+        (out_dir / "pretraining.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir
+
+
+@dataclass
+class PretrainSettings:
+    """A short causal-LM pre-training pass of the tiny model (all weights, AdamW, cosine decay).
+
+    Attributes:
+        texts: Plain training text, one document per item; documents are joined with
+            ``<|endoftext|>`` and cut into blocks.
+        steps: Optimizer steps.
+        block_size: Tokens per training row.
+        batch_size: Rows per step, drawn at random from the blocks.
+        lr: Peak learning rate.
+        seed: Seed for the row order.
+    """
+
+    texts: list[str]
+    steps: int = 200
+    block_size: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def pretrain_tiny_model(model, tokenizer, settings: PretrainSettings) -> dict:
+    """Train every weight of ``model`` on the next token of ``settings.texts`` (in place, float32).
+
+    Returns:
+        ``{"steps", "tokens", "blocks", "first_loss", "last_loss"}`` (losses are the mean of the first
+        and last 10 steps).
+
+    Raises:
+        ValueError: The texts give fewer tokens than one block.
+    """
+    blocks = _pretraining_blocks(tokenizer, settings.texts, settings.block_size)
+    model.float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(settings.seed)
+    losses = []
+    for _ in range(settings.steps):
+        rows = blocks[torch.randint(len(blocks), (settings.batch_size,), generator=generator)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    window = min(10, len(losses))
+    return {"steps": settings.steps, "tokens": blocks.numel(), "blocks": len(blocks),
+            "first_loss": sum(losses[:window]) / window, "last_loss": sum(losses[-window:]) / window}
+
+
+def _pretraining_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """The texts as one ``<|endoftext|>``-separated token stream, cut into rows of ``block_size``."""
+    separator = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    stream = [i for text in texts for i in [*tokenizer(text, add_special_tokens=False)["input_ids"], separator]]
+    n = len(stream) // block_size
+    if n == 0:
+        raise ValueError(f"pre-training text gives {len(stream)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(stream[: n * block_size]).view(n, block_size)
 
 
 def train_qwen2_tokenizer(texts: list[str], *, vocab_size: int = 4096) -> Qwen2Tokenizer:

@@ -27,6 +27,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_corpus())
 
 
+@pytest.fixture(scope="session")
+def pretrained_tiny_model_dir(tmp_path_factory) -> Path:
+    """The demo's tiny model (``demo.ensure_tiny_model``): the 2-layer Qwen2 model pre-trained on the brand
+    corpus, built once per session. Copy it into a run's ``tiny-model`` folder to reuse it there."""
+    from brandcopy.demo import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("pretrained") / "tiny-model")
+
+
 # --- training (train/*, run.py) --------------------------------------------------------------
 
 

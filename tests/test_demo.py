@@ -1,11 +1,22 @@
 """The demo's wiring helpers (the whole demo runs in test_notebooks.py's notebook run and in `make demo`)."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
+from brandcopy.brand import load_brand, load_golden
 from brandcopy.cli import app
 from brandcopy.config import ConfigError, EvalStageConfig, GRPOStageConfig, SFTStageConfig
-from brandcopy.demo import ensure_tiny_model, judge_overrides, preset_path, run_overrides, stage_config
+from brandcopy.demo import (
+    brand_corpus,
+    ensure_tiny_model,
+    judge_overrides,
+    preset_path,
+    repo_texts,
+    run_overrides,
+    stage_config,
+)
 
 
 def test_one_override_list_serves_every_stage():
@@ -31,13 +42,15 @@ def test_preset_path_names_the_shipped_presets():
         preset_path("no-such-preset")
 
 
-def test_ensure_tiny_model_builds_once_and_only_for_a_tiny_model_folder(tmp_path):
+def test_ensure_tiny_model_builds_once_and_only_for_a_tiny_model_folder(pretrained_tiny_model_dir):
     assert ensure_tiny_model("Qwen/Qwen2.5-7B-Instruct") is None
-    path = ensure_tiny_model(tmp_path / "tiny-model")
+    path = pretrained_tiny_model_dir  # built by ensure_tiny_model in the session fixture
     weights = path / "model.safetensors"
     built = weights.stat().st_mtime_ns
-    assert ensure_tiny_model(tmp_path / "tiny-model") == path
+    assert ensure_tiny_model(path) == path
     assert weights.stat().st_mtime_ns == built
+    pretraining = json.loads((path / "pretraining.json").read_text())
+    assert pretraining["last_loss"] < pretraining["first_loss"] - 2.0  # it learned the brand's language
 
 
 def test_judge_overrides_point_the_judge_at_an_endpoint():
@@ -52,3 +65,14 @@ def test_demo_command_rejects_a_bad_override_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "sft_lr" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_the_tiny_models_text_holds_the_train_copy_but_never_the_val_copy():
+    brand = load_brand("yuansu")
+    val = set(brand.split()["val"])
+    golden = load_golden(brand)
+    corpus, tokenizer_text = set(brand_corpus()), "\n".join(repo_texts())
+    assert all(r["text"] in corpus for r in golden if r["product_id"] not in val)
+    held_out = [r["text"] for r in golden if r["product_id"] in val]
+    assert held_out and not any(text in corpus or text[:40] in tokenizer_text for text in held_out)
+    assert not any("<|im_end|>" in text for text in corpus)  # the base must not learn where a turn ends

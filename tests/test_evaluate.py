@@ -97,6 +97,15 @@ def test_report_numbers_from_known_judge_answers(run_root, brand_dir, tiny_model
     base = {r["id"]: r["text"] for r in rows if r["model"] == "base" and r["setting"] == "greedy"}
     sft = {r["id"]: r["text"] for r in rows if r["model"] == "sft" and r["setting"] == "greedy"}
     assert base != sft  # the adapter was really applied
+    stages = {row["model"]: row for row in results["stages"]}
+    assert list(stages) == ["base", "sft"]
+    for name in ("base", "sft"):  # the table reads the offline metrics and losses it sits beside
+        assert stages[name]["stop_rate"] == results["metrics"]["greedy"][name]["overall"]["stop_rate"]
+        assert stages[name]["eval_loss"] == results["losses"][name]["eval_loss"]
+        assert 0.0 <= stages[name]["brand_reward"] <= 1.0
+        assert stages[name]["preference_accuracy"] is None  # no preference_val.jsonl in this run: not measured
+    assert "## What each stage changed" in report and "(charts/stages.png)" in report
+    assert (out / "charts" / "stages.png").stat().st_size > 0
     side = (out / "side_by_side.md").read_text()
     assert "greedy: max_new_tokens=6" in side and "sampled: max_new_tokens=6" in side
     assert side.count("## gold-") == 2 and "### sft" in side
@@ -158,3 +167,17 @@ def test_empty_val_split_is_a_clear_error(run_root, tmp_path, tiny_model_dir):
     _write_golden(brand_dir, load_brand(brand_dir).split()["train"])  # golden copy for train products only
     with pytest.raises(ValueError, match="val split is empty"):
         run_eval(_cfg(run_root, brand_dir, tiny_model_dir))
+
+
+def test_brand_reward_is_the_mean_of_grpos_rule_rewards(brand_dir, run_root, tiny_model_dir):
+    from brandcopy.evaluate import brand_reward
+    from brandcopy.generation import Generation
+
+    cfg = _cfg(run_root, brand_dir, tiny_model_dir)
+    brand = load_brand(brand_dir)
+    record = {"product_id": brand.split()["val"][0], "content_type": "paid_ad_pas"}
+    clean = Generation("温和清洁，保湿不紧绷。" * 8 + "点击下方链接了解配方详情。", [], 0, 0, True)
+    broken = Generation("**全网最强** 100%根治痘痘！！！", [], 0, 0, True)
+    assert brand_reward(cfg, [record], [clean]) > brand_reward(cfg, [record], [broken])
+    assert brand_reward(cfg, [record, record], [clean, broken]) == pytest.approx(
+        (brand_reward(cfg, [record], [clean]) + brand_reward(cfg, [record], [broken])) / 2)

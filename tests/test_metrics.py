@@ -141,3 +141,17 @@ def test_completion_loss_ignores_the_prompt(tiny):
     assert short["tokens"] == long["tokens"]  # only completion tokens (+ end of turn) are scored
     with pytest.raises(ValueError, match="assistant"):
         completion_loss(model, tokenizer, [_conversation("短", "温和清洁。")[:-1]])
+
+
+def test_preference_accuracy_counts_pairs_whose_chosen_answer_is_more_likely(tiny):
+    from brandcopy.metrics import preference_accuracy
+
+    model, tokenizer = tiny
+    prompt = [{"role": "user", "content": "写一句洁面乳广告"}]
+    short, long = [{"role": "assistant", "content": "温和。"}], [{"role": "assistant", "content": "温和清洁，保湿不紧绷。" * 5}]
+    # A random model gives every extra token a log-probability far below zero: the short answer is more likely.
+    assert preference_accuracy(model, tokenizer, [{"prompt": prompt, "chosen": short, "rejected": long}]) == 1.0
+    pairs = [{"prompt": prompt, "chosen": long, "rejected": short}, {"prompt": prompt, "chosen": short, "rejected": long}]
+    assert preference_accuracy(model, tokenizer, pairs, batch_size=2) == 0.5  # padded batch scores alike
+    with pytest.raises(ValueError, match="no preference pairs"):
+        preference_accuracy(model, tokenizer, [])

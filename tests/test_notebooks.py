@@ -240,7 +240,9 @@ def test_output_check_flags_what_a_reader_should_not_meet():
 
 
 @pytest.mark.slow
-def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch):
+def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch, pretrained_tiny_model_dir):
+    import shutil
+
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -248,6 +250,7 @@ def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     values = run_parameters(tmp_path)
+    shutil.copytree(pretrained_tiny_model_dir, tmp_path / "tiny-model")  # 00_setup finds it built: pre-trained once per session
     texts, problems = {}, {}
     for path in notebook_paths():
         book = read(path)

@@ -155,6 +155,44 @@ def data_export(
         typer.echo(f"{name}: {path}")
 
 
+@data_app.command("improve")
+def data_improve(
+    config: str = typer.Option("configs/tiny-cpu.yaml", "--config", "-c", help="Preset: run, brand, base model, backend."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. run=try2."),
+    stage: str = typer.Option("sft", help="Finished stage that samples (its adapter or merged model)."),
+    k: int = typer.Option(2, help="Samples per prompt."),
+    split: str = typer.Option("train", help="Products whose prompts are sampled (train or val)."),
+    content_types: str = typer.Option("", help="Comma-separated content type ids; default all nine."),
+    max_prompts: int = typer.Option(0, help="Only the first N prompts (0: all)."),
+    max_new_tokens: int = typer.Option(768, help="Generation budget per sample."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the policy."),
+    max_similarity: float = typer.Option(0.8, help="Drop pairs whose chosen and rejected have a higher character ROUGE-L."),
+    max_repairs: int = typer.Option(2, help="Repair rounds of the judge's answer."),
+    model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
+    mock: bool = typer.Option(False, help="Judge with the built-in scripted improve judge, no external API."),
+):
+    """On-policy pairs: sample a stage, judge + improve each sample, write preference_onpolicy_<split>.jsonl."""
+    from dataclasses import replace
+
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.improve import SAMPLE_PARAMS, improve_endpoint, run_improve
+    from brandcopy.llm import LLMConfigError, LLMFatalError
+    from brandcopy.run import StageInputError
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+        params = replace(SAMPLE_PARAMS, max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed)
+        with improve_endpoint(load_brand(cfg.brand), "" if mock else base_url, model, api_key_env, concurrency,
+                              f"{cfg.output_root}/llm-cache") as llm:
+            report = run_improve(cfg, llm, stage, k, split, content_types.split(",") if content_types else None,
+                                 max_prompts, params, max_similarity, max_repairs)
+    except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{report}\n" + "\n".join(f"{name}: {path}" for name, path in report.files.items()))
+
+
 @data_app.command("serve-mock")
 def data_serve_mock(
     port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),

@@ -23,6 +23,7 @@ from typing import ClassVar
 import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DPO_FOLDERS = {"synthetic": "dpo", "onpolicy": "dpo-onpolicy", "both": "dpo-both"}  # dpo_pairs -> stage folder
 REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
 
 
@@ -126,6 +127,12 @@ class DPOStageConfig(CommonConfig):
     dpo_max_steps: int = -1
     dpo_batch_size: int = 1
     dpo_grad_accum: int = 8
+    dpo_pairs: str = field(default="synthetic", metadata=_choices(*DPO_FOLDERS))  # synthetic / onpolicy / both
+
+    @property
+    def out_dir(self) -> Path:
+        """``<run>/dpo`` on synthetic pairs, ``<run>/dpo-onpolicy`` or ``<run>/dpo-both``: all can sit in one run."""
+        return self.run_dir / DPO_FOLDERS[self.dpo_pairs]
 
 
 @dataclass
@@ -135,7 +142,7 @@ class GRPOStageConfig(CommonConfig):
     stage: ClassVar[str] = "grpo"  # output folder <run>/grpo
     prefix: ClassVar[str] = "grpo"  # prefix of this stage's own keys
 
-    grpo_from: str = field(default="sft", metadata=_choices("sft", "dpo"))
+    grpo_from: str = field(default="sft", metadata=_choices("sft", *DPO_FOLDERS.values()))
     grpo_lr: float = 5e-6
     grpo_epochs: float = 1.0
     grpo_max_steps: int = -1
@@ -164,7 +171,7 @@ class MergeStageConfig(CommonConfig):
     stage: ClassVar[str] = "merged"  # output folder <run>/merged
     prefix: ClassVar[str] = "merge"  # prefix of this stage's own keys
 
-    merge_from: str = field(default="grpo", metadata=_choices("sft", "dpo", "grpo"))
+    merge_from: str = field(default="grpo", metadata=_choices("sft", *DPO_FOLDERS.values(), "grpo"))
     merge_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
     merge_gguf: str = ""
 

@@ -56,8 +56,8 @@ __all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate"]
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("base", "sft", "dpo", "grpo", "merged")
-ADAPTERS = ("sft", "dpo", "grpo")
+MODELS = ("base", "sft", "dpo", "dpo-onpolicy", "dpo-both", "grpo", "merged")
+ADAPTERS = ("sft", "dpo", "dpo-onpolicy", "dpo-both", "grpo")
 METRIC_COLUMNS = {  # offline metric -> report column
     "n": "n",
     "empty_rate": "empty",

@@ -330,6 +330,44 @@ def chat_command(
     chat_loop(model, tokenizer, load_brand(cfg.brand))
 
 
+@app.command("compare")
+def compare_command(
+    config: str = typer.Option("configs/tiny-cpu.yaml", "--config", "-c", help="Preset: run, brand, base model, backend."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. run=try2."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="base, a stage of the run (sft, dpo, grpo, merged), "
+                                    "otherrun/stage, or an adapter or model folder; label=spec names it. Repeatable."),
+    prompts: str = typer.Option("val", help="val or train (the brand's golden prompts), ifeval, or a JSONL file."),
+    max_prompts: int = typer.Option(5, help="First N prompts (0: all)."),
+    max_new_tokens: int = typer.Option(512, help="Generation budget."),
+    sample: bool = typer.Option(False, help="Sample with --temperature / --top-p instead of greedy decoding."),
+    temperature: float = typer.Option(0.7), top_p: float = typer.Option(0.9),
+    seed: int = typer.Option(None, help="Sampling seed (default: the preset's seed)."),
+    out: str = typer.Option("", help="Output folder (default <run>/compare)."),
+):
+    """Several models side by side with fixed generation parameters -> compare.md and compare.jsonl."""
+    from pathlib import Path
+
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.compare import CompareInputError, load_prompt_set, resolve_model, run_compare
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.generation import GenerationParams
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+        brand = load_brand(cfg.brand)
+        specs = [resolve_model(spec, cfg.run_dir) for spec in model]
+        prompt_set = load_prompt_set(prompts, brand, max_prompts)
+    except (ConfigError, BrandDataError, CompareInputError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    params = GenerationParams("sampled" if sample else "greedy", max_new_tokens, sample, temperature, top_p,
+                              cfg.seed if seed is None else seed)
+    path = run_compare(brand, specs, cfg.model, prompt_set, params, Path(out) if out else cfg.run_dir / "compare",
+                       prompts, cfg.eval_batch_size, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                       max_seq_length=cfg.max_seq_length)
+    typer.echo(f"compare: {path}\nrows: {path.with_suffix('.jsonl')}")
+
+
 # --- demo (demo.py) -----------------------------------------------------------------------
 
 

@@ -201,6 +201,10 @@ class EvalStageConfig(CommonConfig):
     eval_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
     eval_judge_concurrency: int = 8
     eval_side_by_side: int = 5  # prompts shown in side_by_side.md
+    eval_ifeval: bool = True  # general instruction-following regression check (data/ifeval_zh.jsonl), base vs every stage
+    eval_ifeval_max_samples: int = 0  # prompts of the check; 0 = all
+    eval_ifeval_max_new_tokens: int = 0  # generation budget of the check; 0 = eval_max_new_tokens
+    eval_ifeval_margin: float = 0.05  # flag a model whose prompt-level strict pass rate is this much below the base's
 
 
 STAGE_CONFIGS = (SFTStageConfig, RewardStageConfig, DPOStageConfig, GRPOStageConfig, MergeStageConfig, EvalStageConfig)

@@ -28,6 +28,8 @@ import torch
 from brandcopy.brand import load_brand, load_golden
 from brandcopy.config import ConfigError, EvalStageConfig, atomic_write_text, save_config
 from brandcopy.generation import Generation, GenerationParams, timed_generate
+from brandcopy.ifeval import load_prompts as load_ifeval_prompts
+from brandcopy.ifeval import regressions, run_ifeval
 from brandcopy.judge import (
     DIMENSION_NAMES,
     DIMENSIONS,
@@ -88,6 +90,8 @@ class EvalResults:
     verdicts: dict[str, list[BestOfVerdict]] = field(default_factory=dict)  # fine-tuned model -> verdicts
     judge: str = ""
     missing: list[str] = field(default_factory=list)
+    ifeval: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> IFEval-style pass rates
+    ifeval_scored: dict[str, list[dict]] = field(default_factory=dict)  # model -> per-prompt verdicts
 
     def as_dict(self) -> dict:
         return {
@@ -103,6 +107,7 @@ class EvalResults:
             "position_bias": {m: position_bias(v) for m, v in self.verdicts.items()},
             "judge_failures": failure_counts(self.scores, [v for vs in self.verdicts.values() for v in vs]),
             "partial": self.missing,
+            "ifeval": self.ifeval,
         }
 
 
@@ -176,6 +181,7 @@ def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
     """Load each model once: completion loss on the golden copy, then every generation setting."""
     prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
     golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
+    checks = load_ifeval_prompts(max_prompts=cfg.eval_ifeval_max_samples) if cfg.eval_ifeval else []
     for name in results.models:
         model, tokenizer = load_eval_model(cfg, name)
         results.losses[name] = completion_loss(model, tokenizer, golden, cfg.eval_batch_size)
@@ -184,6 +190,10 @@ def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
             results.generations.setdefault(params.name, {})[name] = copies
             results.seconds.setdefault(params.name, {})[name] = seconds
             logger.info("%s / %s: %d copies in %.1fs", name, params.name, len(copies), seconds)
+        if checks:  # the general-ability regression check, on the same loaded model
+            budget = cfg.eval_ifeval_max_new_tokens or cfg.eval_max_new_tokens
+            ifeval_params = GenerationParams("ifeval", budget, seed=cfg.seed)
+            results.ifeval[name], results.ifeval_scored[name] = run_ifeval(model, tokenizer, checks, ifeval_params, cfg.eval_batch_size)
         _free(model)
 
 
@@ -391,6 +401,10 @@ def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, 
     parts = [f"# Evaluation report: {cfg.run}"]
     if results.missing:
         parts.append("> **PARTIAL**: this report is incomplete.\n" + "\n".join(f"> - {m}" for m in results.missing))
+    drops = regressions(results.ifeval, cfg.eval_ifeval_margin)
+    if drops:
+        parts.append("> **REGRESSION** in general instruction following (see below): " + ", ".join(
+            f"{name} {drop:.0%} below base" for name, drop in drops.items()))
     parts.append("\n".join(header_lines(cfg, results, started)))
     if results.scores:
         parts.append("## Judge: golden vs fine-tuned vs base\n\nMean single-answer score (1-5, mean of "
@@ -402,9 +416,51 @@ def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, 
                 parts.append(bias_line(results.verdicts[name]))
         parts.append("### Charts\n\n" + "\n".join(f"![{g}](charts/{p.name})" for g, p in charts.items()))
         parts.append("### Judge failures\n\n" + failures_section(results))
+    if dpo_variants(results):
+        parts.append(dpo_pairs_section(cfg, results))
     parts.append("## Offline metrics\n\n" + metrics_tables(results))
+    if results.ifeval:
+        parts.append(ifeval_section(cfg, results))
     parts.append("Side by side: [side_by_side.md](side_by_side.md). Raw numbers: results.json.")
     return "\n\n".join(parts) + "\n"
+
+
+def ifeval_section(cfg: EvalStageConfig, results: EvalResults) -> str:
+    """Pass rates of the IFEval-style check per model, the change from the base and the regression flag."""
+    drops = regressions(results.ifeval, cfg.eval_ifeval_margin)
+    base = results.ifeval.get("base", {}).get("prompt_strict", float("nan"))
+    rows = [[name, r["prompt_strict"], r["prompt_loose"], r["instruction_strict"], r["instruction_loose"],
+             r["prompt_strict"] - base, "REGRESSION" if name in drops else ""] for name, r in results.ifeval.items()]
+    n = len(next(iter(results.ifeval_scored.values())))
+    header = ["model", "prompt strict", "prompt loose", "instruction strict", "instruction loose", "Δ strict vs base", "flag"]
+    return (f"## General instruction following (regression check)\n\n{n} Chinese prompts with code-verified constraints "
+            "(length, required / forbidden words, paragraphs, lists, JSON, punctuation; nothing about the brand), "
+            "greedy, no system prompt. Strict checks the answer as written; loose also accepts it without its first or "
+            f"last line or Markdown `*`. A prompt-level strict drop of more than {cfg.eval_ifeval_margin:.0%} below the "
+            "base is flagged: brand training should not cost ordinary instruction following.\n\n" + _table(header, rows))
+
+
+def dpo_variants(results: EvalResults) -> list[str]:
+    """The DPO models evaluated when more than one kind of pairs was trained (dpo, dpo-onpolicy, dpo-both)."""
+    variants = [name for name in ("dpo", "dpo-onpolicy", "dpo-both") if name in results.models]
+    return variants if len(variants) > 1 else []
+
+
+def dpo_pairs_section(cfg: EvalStageConfig, results: EvalResults) -> str:
+    """DPO on synthetic pairs against DPO on on-policy pairs (and both): the same numbers side by side."""
+    means, greedy = mean_scores(results.scores).get("overall", {}), results.metrics["greedy"]
+    header = ["model", "pairs", "train pairs", "judge avg", "best-of wins", "lint", "facts ok", "stopped", "IFEval strict"]
+    rows = []
+    for name in dpo_variants(results):
+        manifest = json.loads((cfg.run_dir / name / "manifest.json").read_text(encoding="utf-8"))
+        wins = best_counts(results.verdicts.get(name, []))["overall"][name]
+        overall = greedy[name]["overall"]
+        rows.append([name, manifest.get("pairs", "synthetic"), manifest.get("train_pairs", "–"), means.get(name, float("nan")),
+                     wins, overall["lint_score"], overall["fact_pass_rate"], overall["stop_rate"],
+                     results.ifeval.get(name, {}).get("prompt_strict", float("nan"))])
+    return ("## DPO: synthetic vs on-policy pairs\n\nThe same start (`dpo_from`) and recipe, trained on different pairs "
+            "(`dpo_pairs`): synthetic negatives of golden copy, or the policy's own samples improved by the judge.\n\n"
+            + _table(header, rows))
 
 
 def render_side_by_side(cfg: EvalStageConfig, results: EvalResults, brand, started: str) -> str:
@@ -467,6 +523,8 @@ def run_eval(cfg: EvalStageConfig) -> Path:
     charts = plot_judge_charts(results, out / "charts") if results.scores else {}
     atomic_write_text(out / "results.json", json.dumps(results.as_dict(), ensure_ascii=False, indent=2, default=float))
     atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
+    atomic_write_text(out / "ifeval.jsonl", "".join(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n"
+                                                    for name, rows in results.ifeval_scored.items() for row in rows))
     atomic_write_text(out / "report.md", render_report(cfg, results, charts, started))
     write_manifest(cfg, [brand.path / "golden.jsonl"], {"models": models, "partial": results.missing})
     return out

@@ -107,3 +107,49 @@ def test_run_ifeval_on_the_tiny_model_scores_its_real_output(tiny_model_dir):
     # Re-scoring the generated text gives the same verdicts: the rates come from the model's output.
     assert [score_response(p, s["text"])["strict"] for p, s in zip(prompts, scored)] == [s["strict"] for s in scored]
     assert rates == pass_rates(scored) and 0.0 <= rates["prompt_strict"] <= rates["prompt_loose"] <= 1.0
+
+
+def _adapter_run(root, tiny_model_dir):
+    """Run ``t`` with sft, dpo and dpo-onpolicy adapters (random LoRA weights, so they differ from the base)."""
+    import torch
+
+    from brandcopy.modeling import LoraSettings
+
+    model, tokenizer = load_model(tiny_model_dir, backend="hf", lora=LoraSettings(r=4, alpha=8))
+    from brandcopy.modeling import fix_special_tokens
+
+    fix_special_tokens(model, tokenizer)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    for stage, pairs in (("sft", None), ("dpo", "synthetic"), ("dpo-onpolicy", "onpolicy")):
+        model.save_pretrained(root / "t" / stage)
+        tokenizer.save_pretrained(root / "t" / stage)
+        manifest = {"pairs": pairs, "train_pairs": 7} if pairs else {}
+        (root / "t" / stage / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("margin", [1.0, -1.0])
+def test_eval_report_has_pass_rates_per_model_the_flag_and_the_dpo_comparison(tmp_path, tiny_model_dir, margin):
+    from brandcopy.config import EvalStageConfig, load_stage_config
+    from brandcopy.evaluate import run_eval
+
+    _adapter_run(tmp_path, tiny_model_dir)
+    cfg = load_stage_config(EvalStageConfig, None, [
+        "run=t", f"output_root={tmp_path}", f"model={tiny_model_dir}", "backend=hf", "load_in_4bit=false",
+        "eval_max_new_tokens=8", "eval_max_samples=2", "eval_sampled=false", "eval_judge_mock=true",
+        "eval_ifeval_max_samples=8", f"eval_ifeval_margin={margin}"])
+    out = run_eval(cfg)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (out / "ifeval.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert set(results["ifeval"]) == {"base", "sft", "dpo", "dpo-onpolicy"}
+    for name, rates in results["ifeval"].items():
+        scored = [r for r in rows if r["model"] == name]
+        assert len(scored) == 8 and rates == pass_rates(scored)  # the report's numbers are the verdicts' numbers
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## General instruction following (regression check)" in report
+    assert "## DPO: synthetic vs on-policy pairs" in report and "| dpo-onpolicy | onpolicy | 7 |" in report
+    # margin -1: every stage is "more than -100% below" the base, so all are flagged; margin 1: none can be.
+    assert ("**REGRESSION**" in report) == (margin < 0)
+    assert report.count("| REGRESSION |") == (3 if margin < 0 else 0)

@@ -162,7 +162,7 @@ def run_parameters(output_root: Path) -> dict:
                  "eval_max_samples=3", "eval_batch_size=3", "eval_max_new_tokens=16", "eval_sampled=false",
                  "eval_side_by_side=2"]
     return {"PRESET": "tiny-cpu", "RUN": "nb", "OUTPUT_ROOT": str(output_root), "OVERRIDES": overrides,
-            "API_BASE_URL": "", "CONTENT_TYPES": ["paid_ad_cta", "social_media_review"]}
+            "API_BASE_URL": "", "CONTENT_TYPES": ["paid_ad_cta", "social_media_review"], "IMPROVE_MAX_PROMPTS": 6}
 
 
 def inject_parameters(book, values: dict) -> None:

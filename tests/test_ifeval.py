@@ -83,8 +83,8 @@ def test_bad_prompt_file_names_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = {"id": "a", "prompt": "写一句话。", "constraints": [{"type": "no_comma"}]}
     for row, message in [
-        ({**good, "constraints": [{"type": "rhyme"}]}, r"bad.jsonl:2: field 'constraints\[0\]'.type: unknown constraint 'rhyme'"),
-        ({**good, "constraints": [{"type": "length", "min": 1, "max": "九"}]}, r"bad.jsonl:2: field 'constraints\[0\]'.max: expected int"),
+        ({**good, "id": "b", "constraints": [{"type": "rhyme"}]}, r"bad.jsonl:2: field 'constraints\[0\]'.type: unknown constraint 'rhyme'"),
+        ({**good, "id": "b", "constraints": [{"type": "length", "min": 1, "max": "九"}]}, r"bad.jsonl:2: field 'constraints\[0\]'.max: expected int"),
         ({"id": "b", "constraints": []}, r"bad.jsonl:2: field 'prompt'"),
         (good, r"bad.jsonl:2: field 'id': duplicate id 'a'"),
     ]:

@@ -187,8 +187,8 @@ def data_improve(
                               f"{cfg.output_root}/llm-cache") as llm:
             report = run_improve(cfg, llm, stage, k, split, content_types.split(",") if content_types else None,
                                  max_prompts, params, max_similarity, max_repairs)
-    except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError) as err:
-        typer.echo(f"error: {err}", err=True)
+    except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)  # ValueError: a torn or malformed line in improve/*.jsonl (file:line)
         raise typer.Exit(2) from None
     typer.echo(f"{report}\n" + "\n".join(f"{name}: {path}" for name, path in report.files.items()))
 

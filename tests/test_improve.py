@@ -99,3 +99,27 @@ def test_improve_makes_onpolicy_pairs_counts_failures_resumes_and_dpo_trains_on_
     assert out.name == "dpo-onpolicy" and manifest["pairs"] == "onpolicy" and manifest["train_pairs"] == 4
     assert manifest["changed_tensors"] > 0
     assert not (cfg.run_dir / "dpo").exists()  # the synthetic variant's folder is left alone
+
+
+def test_cli_improve_without_the_stage_exits_2_naming_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from brandcopy.cli import app
+
+    result = CliRunner().invoke(app, ["data", "improve", f"output_root={tmp_path}", "run=x", "--mock"])
+    assert result.exit_code == 2 and "error: data improve starts from the sft stage" in result.output
+    assert not (tmp_path / "x" / "data").exists()  # nothing written before the check
+
+
+def test_the_serve_mock_responder_also_judges_and_improves():
+    from brandcopy.brand import load_golden
+    from brandcopy.datagen import golden_responder
+    from brandcopy.improve import improve_messages, lint_problems
+
+    golden = next(r["text"] for r in load_golden(BRAND) if (r["product_id"], r["content_type"]) == ("YS-002", "paid_ad_cta"))
+    respond = golden_responder(BRAND)
+    bad = improve_messages(BRAND, "YS-002", "paid_ad_cta", "太短了！！", lint_problems(BRAND, "太短了！！", "paid_ad_cta", "YS-002"))
+    judgement = parse_judgement(respond({"messages": bad}))
+    assert judgement.verdict == "bad" and judgement.improved == golden
+    good = improve_messages(BRAND, "YS-002", "paid_ad_cta", golden, [])
+    assert parse_judgement(respond({"messages": good})).verdict == "good"

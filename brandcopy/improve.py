@@ -205,9 +205,10 @@ def policy_id(stage_dir: str | Path) -> str:
     return hashlib.sha256((Path(stage_dir) / "manifest.json").read_bytes()).hexdigest()[:12]
 
 
-def _request_key(sample: dict, model: str) -> str:
-    """Keyed by sample and a hash of its text and the judge model, so new samples never reuse old answers."""
-    digest = hashlib.sha256(json.dumps([model, sample["text"]], ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+def _request_key(sample: dict, model: str, messages: list[dict]) -> str:
+    """Keyed by sample and a hash of the judge model and the prompt (the sample's text and lint findings), so a
+    new sample, judge or prompt never reuses an old answer from the resumable results file."""
+    digest = hashlib.sha256(json.dumps([model, messages], ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
     return f"{sample['key']}:{digest}"
 
 
@@ -219,7 +220,7 @@ def judge_requests(brand, samples: list[dict], model: str) -> list[Request]:
         meta = {"sample": s["key"], "product_id": s["product_id"], "content_type": s["content_type"],
                 "text": s["text"], "problems": problems}
         messages = improve_messages(brand, s["product_id"], s["content_type"], s["text"], problems)
-        requests.append(Request(_request_key(s, model), messages, dict(IMPROVE_PARAMS), meta))
+        requests.append(Request(_request_key(s, model, messages), messages, dict(IMPROVE_PARAMS), meta))
     return requests
 
 

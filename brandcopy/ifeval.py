@@ -152,8 +152,8 @@ def loose_variants(text: str) -> list[str]:
 
 
 def verify_loose(text: str, constraint: dict) -> bool:
-    """The constraint holds for the response or one of its loose variants."""
-    return any(verify(variant, constraint) for variant in loose_variants(text) if variant.strip())
+    """The constraint holds for the response or one of its non-empty loose variants (so loose >= strict)."""
+    return verify(text, constraint) or any(verify(v, constraint) for v in loose_variants(text) if v.strip())
 
 
 # --- the prompt file -------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def test_loose_forgives_a_preamble_and_markdown_but_strict_does_not():
     assert not verify(answer, bullets) and verify_loose(answer, bullets)
     start = {"type": "start_with", "text": "小朋友们"}
     assert verify_loose("好的。\n小朋友们，要刷牙。", start) and not verify_loose("要刷牙，小朋友们。", start)
+    for kind in VERIFIERS:  # loose never fails what strict passes, even for an empty answer
+        constraint = {"type": kind, **CASES[kind][0]}
+        for text in ("", CASES[kind][1]):
+            assert verify_loose(text, constraint) or not verify(text, constraint)
 
 
 def test_pass_rates_count_prompts_and_instructions():

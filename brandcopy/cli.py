@@ -190,6 +190,44 @@ def data_export(
         typer.echo(f"{name}: {path}")
 
 
+@data_app.command("improve")
+def data_improve(
+    config: str = typer.Option("configs/tiny-cpu.yaml", "--config", "-c", help="Preset: run, brand, base model, backend."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. run=try2."),
+    stage: str = typer.Option("sft", help="Finished stage that samples (its adapter or merged model)."),
+    k: int = typer.Option(2, help="Samples per prompt."),
+    split: str = typer.Option("train", help="Products whose prompts are sampled (train or val)."),
+    content_types: str = typer.Option("", help="Comma-separated content type ids; default all nine."),
+    max_prompts: int = typer.Option(0, help="Only the first N prompts (0: all)."),
+    max_new_tokens: int = typer.Option(768, help="Generation budget per sample."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the policy."),
+    max_similarity: float = typer.Option(0.8, help="Drop pairs whose chosen and rejected have a higher character ROUGE-L."),
+    max_repairs: int = typer.Option(2, help="Repair rounds of the judge's answer."),
+    model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
+    mock: bool = typer.Option(False, help="Judge with the built-in scripted improve judge, no external API."),
+):
+    """On-policy pairs: sample a stage, judge + improve each sample, write preference_onpolicy_<split>.jsonl."""
+    from dataclasses import replace
+
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.improve import SAMPLE_PARAMS, improve_endpoint, run_improve
+    from brandcopy.llm import LLMConfigError, LLMFatalError
+    from brandcopy.run import StageInputError
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+        params = replace(SAMPLE_PARAMS, max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed)
+        with improve_endpoint(load_brand(cfg.brand), "" if mock else base_url, model, api_key_env, concurrency,
+                              f"{cfg.output_root}/llm-cache") as llm:
+            report = run_improve(cfg, llm, stage, k, split, content_types.split(",") if content_types else None,
+                                 max_prompts, params, max_similarity, max_repairs)
+    except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)  # ValueError: a torn or malformed line in improve/*.jsonl (file:line)
+        raise typer.Exit(2) from None
+    typer.echo(f"{report}\n" + "\n".join(f"{name}: {path}" for name, path in report.files.items()))
+
+
 @data_app.command("serve-mock")
 def data_serve_mock(
     port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),
@@ -492,6 +530,44 @@ def write_command(
         typer.echo(f"{result.request.id}: {result.status}" + ("" if result.text else " — " + "; ".join(result.reasons[:3])))
     typer.echo(f"results: {folder}/results.jsonl\nreadable: {folder}/results.md")
     raise typer.Exit(0 if all(r.status == "passed" for r in results) else 1)
+
+
+@app.command("compare")
+def compare_command(
+    config: str = typer.Option("configs/tiny-cpu.yaml", "--config", "-c", help="Preset: run, brand, base model, backend."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of preset keys, e.g. run=try2."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="base, a stage of the run (sft, dpo, grpo, merged), "
+                                    "otherrun/stage, or an adapter or model folder; label=spec names it. Repeatable."),
+    prompts: str = typer.Option("val", help="val or train (the brand's golden prompts), ifeval, or a JSONL file."),
+    max_prompts: int = typer.Option(5, help="First N prompts (0: all)."),
+    max_new_tokens: int = typer.Option(512, help="Generation budget."),
+    sample: bool = typer.Option(False, help="Sample with --temperature / --top-p instead of greedy decoding."),
+    temperature: float = typer.Option(0.7), top_p: float = typer.Option(0.9),
+    seed: int = typer.Option(None, help="Sampling seed (default: the preset's seed)."),
+    out: str = typer.Option("", help="Output folder (default <run>/compare)."),
+):
+    """Several models side by side with fixed generation parameters -> compare.md and compare.jsonl."""
+    from pathlib import Path
+
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.compare import CompareInputError, load_prompt_set, resolve_model, run_compare
+    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.generation import GenerationParams
+
+    try:
+        cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+        brand = load_brand(cfg.brand)
+        specs = [resolve_model(spec, cfg.run_dir) for spec in model]
+        prompt_set = load_prompt_set(prompts, brand, max_prompts)
+    except (ConfigError, BrandDataError, CompareInputError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    params = GenerationParams("sampled" if sample else "greedy", max_new_tokens, sample, temperature, top_p,
+                              cfg.seed if seed is None else seed)
+    path = run_compare(brand, specs, cfg.model, prompt_set, params, Path(out) if out else cfg.run_dir / "compare",
+                       prompts, cfg.eval_batch_size, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
+                       max_seq_length=cfg.max_seq_length)
+    typer.echo(f"compare: {path}\nrows: {path.with_suffix('.jsonl')}")
 
 
 # --- demo (demo.py) -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import ClassVar
 import yaml
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DPO_FOLDERS = {"synthetic": "dpo", "onpolicy": "dpo-onpolicy", "both": "dpo-both"}  # dpo_pairs -> stage folder
 REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow", "swanlab", "comet_ml", "all")  # transformers' integrations
 
@@ -131,6 +132,12 @@ class DPOStageConfig(CommonConfig):
     dpo_batch_size: int = 1
     dpo_grad_accum: int = 8
     dpo_eval_pairs: int = 64
+    dpo_pairs: str = field(default="synthetic", metadata=_choices(*DPO_FOLDERS))  # synthetic / onpolicy / both
+
+    @property
+    def out_dir(self) -> Path:
+        """``<run>/dpo`` on synthetic pairs, ``<run>/dpo-onpolicy`` or ``<run>/dpo-both``: all can sit in one run."""
+        return self.run_dir / DPO_FOLDERS[self.dpo_pairs]
 
 
 @dataclass
@@ -140,7 +147,7 @@ class GRPOStageConfig(CommonConfig):
     stage: ClassVar[str] = "grpo"  # output folder <run>/grpo
     prefix: ClassVar[str] = "grpo"  # prefix of this stage's own keys
 
-    grpo_from: str = field(default="sft", metadata=_choices("sft", "dpo"))
+    grpo_from: str = field(default="sft", metadata=_choices("sft", *DPO_FOLDERS.values()))
     grpo_lr: float = 5e-6
     grpo_epochs: float = 1.0
     grpo_max_steps: int = -1
@@ -169,7 +176,7 @@ class MergeStageConfig(CommonConfig):
     stage: ClassVar[str] = "merged"  # output folder <run>/merged
     prefix: ClassVar[str] = "merge"  # prefix of this stage's own keys
 
-    merge_from: str = field(default="grpo", metadata=_choices("sft", "dpo", "grpo"))
+    merge_from: str = field(default="grpo", metadata=_choices("sft", *DPO_FOLDERS.values(), "grpo"))
     merge_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
     merge_gguf: str = ""
 
@@ -199,6 +206,10 @@ class EvalStageConfig(CommonConfig):
     eval_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
     eval_judge_concurrency: int = 8
     eval_side_by_side: int = 5  # prompts shown in side_by_side.md
+    eval_ifeval: bool = True  # general instruction-following regression check (data/ifeval_zh.jsonl), base vs every stage
+    eval_ifeval_max_samples: int = 0  # prompts of the check; 0 = all
+    eval_ifeval_max_new_tokens: int = 0  # generation budget of the check; 0 = eval_max_new_tokens
+    eval_ifeval_margin: float = 0.05  # flag a model whose prompt-level strict pass rate is this much below the base's
 
 
 STAGE_CONFIGS = (SFTStageConfig, RewardStageConfig, DPOStageConfig, GRPOStageConfig, MergeStageConfig, EvalStageConfig)

@@ -571,11 +571,16 @@ def golden_responder(brand, seed: int = 0):
     the golden set lacks gets a one-line note that lint rejects (too short), so it ends in the
     failures file instead of passing another product's copy off as this one's. Exaggerated and
     fake negative prompts get the offline negative of the quoted text; the weak prompt gets a
-    bland one-liner; anything else gets the last user message echoed.
+    bland one-liner; judge-and-improve prompts get ``mockserver.improve_responder``'s answer; anything
+    else gets the last user message echoed.
     """
     golden = load_golden(brand)
     by_pair = {(r["product_id"], r["content_type"]): r["text"] for r in golden}
     names = {p.name: p for p in brand.products.values()}
+    from brandcopy.improve import IMPROVE_TASK  # imported here: improve.py loads torch for sampling
+    from brandcopy.mockserver import improve_responder
+
+    improve = improve_responder(brand)  # so `data serve-mock` also answers `data improve`
 
     def respond(body: dict) -> str:
         users = [m["content"] for m in body["messages"] if m["role"] == "user"]
@@ -584,6 +589,8 @@ def golden_responder(brand, seed: int = 0):
             weak = re.match(r"写一段「(.+)」的", users[-1])
             return f"这款{names[weak.group(1)].name}挺好用的，推荐试试。" if weak else "收到：" + users[-1]
         task, product_id, content_type = header.groups()
+        if task == IMPROVE_TASK:
+            return improve(body)
         source = re.search(r"【原文】\n(.*)\n【原文结束】", users[0], re.S)
         rng = random.Random(f"{seed}:{users[-1]}")
         sample = {"product_id": product_id, "content_type": content_type, "text": source.group(1) if source else ""}

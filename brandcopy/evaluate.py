@@ -30,6 +30,8 @@ from brandcopy.backend import prepare_backend
 from brandcopy.brand import load_brand, load_golden
 from brandcopy.config import ConfigError, EvalStageConfig, atomic_write_text, save_config
 from brandcopy.generation import Generation, GenerationParams, timed_generate
+from brandcopy.ifeval import load_prompts as load_ifeval_prompts
+from brandcopy.ifeval import regressions, run_ifeval
 from brandcopy.judge import (
     DIMENSION_NAMES,
     DIMENSIONS,
@@ -59,8 +61,8 @@ __all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate"]
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("base", "sft", "dpo", "grpo", "merged")
-ADAPTERS = ("sft", "dpo", "grpo")
+MODELS = ("base", "sft", "dpo", "dpo-onpolicy", "dpo-both", "grpo", "merged")
+ADAPTERS = ("sft", "dpo", "dpo-onpolicy", "dpo-both", "grpo")
 METRIC_COLUMNS = {  # offline metric -> report column
     "n": "n",
     "empty_rate": "empty",
@@ -102,6 +104,8 @@ class EvalResults:
     verdicts: dict[str, list[BestOfVerdict]] = field(default_factory=dict)  # fine-tuned model -> verdicts
     judge: str = ""
     missing: list[str] = field(default_factory=list)
+    ifeval: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> IFEval-style pass rates
+    ifeval_scored: dict[str, list[dict]] = field(default_factory=dict)  # model -> per-prompt verdicts
 
     def as_dict(self) -> dict:
         return {
@@ -118,6 +122,7 @@ class EvalResults:
             "position_bias": {m: position_bias(v) for m, v in self.verdicts.items()},
             "judge_failures": failure_counts(self.scores, [v for vs in self.verdicts.values() for v in vs]),
             "partial": self.missing,
+            "ifeval": self.ifeval,
         }
 
 
@@ -193,9 +198,10 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list, pairs: list,
+def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list, pairs: list, checks: list,
                    results: EvalResults) -> None:
-    """Load one model, score the golden copy and the held-out pairs, generate every setting; the model dies with this frame."""
+    """Load one model, score the golden copy and the held-out pairs, generate every setting, run the
+    general-ability regression check; the model dies with this frame."""
     model, tokenizer = load_eval_model(cfg, name)
     results.losses[name] = completion_loss(model, tokenizer, golden, cfg.eval_batch_size)
     if pairs:
@@ -205,6 +211,11 @@ def evaluate_model(cfg: EvalStageConfig, name: str, prompts: list, golden: list,
         results.generations.setdefault(params.name, {})[name] = copies
         results.seconds.setdefault(params.name, {})[name] = seconds
         logger.info("%s / %s: %d copies in %.1fs", name, params.name, len(copies), seconds)
+    if checks:  # the general-ability regression check, on the same loaded model
+        budget = cfg.eval_ifeval_max_new_tokens or cfg.eval_max_new_tokens
+        ifeval_params = GenerationParams("ifeval", budget, seed=cfg.seed)
+        results.ifeval[name], results.ifeval_scored[name] = run_ifeval(model, tokenizer, checks, ifeval_params,
+                                                                         cfg.eval_batch_size)
 
 
 def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
@@ -217,8 +228,9 @@ def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
     prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
     golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
     pairs = preference_rows(cfg)
+    checks = load_ifeval_prompts(max_prompts=cfg.eval_ifeval_max_samples) if cfg.eval_ifeval else []
     for name in results.models:
-        evaluate_model(cfg, name, prompts, golden, pairs, results)
+        evaluate_model(cfg, name, prompts, golden, pairs, checks, results)
         release_memory()
 
 
@@ -486,6 +498,10 @@ def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, 
     parts = [f"# Evaluation report: {cfg.run}"]
     if results.missing:
         parts.append("> **PARTIAL**: this report is incomplete.\n" + "\n".join(f"> - {m}" for m in results.missing))
+    drops = regressions(results.ifeval, cfg.eval_ifeval_margin)
+    if drops:
+        parts.append("> **REGRESSION** in general instruction following (see below): " + ", ".join(
+            f"{name} {drop:.0%} below base" for name, drop in drops.items()))
     parts.append("\n".join(header_lines(cfg, results, started)))
     parts.append("## What each stage changed\n\nGreedy copy of the val prompts: share that ended with the model's own "
                  "`<|im_end|>` (stopped), lint score, share without a fact error, mean brand reward (GRPO's lint, fact, "
@@ -502,9 +518,51 @@ def render_report(cfg: EvalStageConfig, results: EvalResults, charts: dict[str, 
                 parts.append(bias_line(results.verdicts[name]))
         parts.append("### Charts\n\n" + "\n".join(f"![{g}](charts/{p.name})" for g, p in charts.items()))
         parts.append("### Judge failures\n\n" + failures_section(results))
+    if dpo_variants(results):
+        parts.append(dpo_pairs_section(cfg, results))
     parts.append("## Offline metrics\n\n" + metrics_tables(results))
+    if results.ifeval:
+        parts.append(ifeval_section(cfg, results))
     parts.append("Side by side: [side_by_side.md](side_by_side.md). Raw numbers: results.json.")
     return "\n\n".join(parts) + "\n"
+
+
+def ifeval_section(cfg: EvalStageConfig, results: EvalResults) -> str:
+    """Pass rates of the IFEval-style check per model, the change from the base and the regression flag."""
+    drops = regressions(results.ifeval, cfg.eval_ifeval_margin)
+    base = results.ifeval.get("base", {}).get("prompt_strict", float("nan"))
+    rows = [[name, r["prompt_strict"], r["prompt_loose"], r["instruction_strict"], r["instruction_loose"],
+             r["prompt_strict"] - base, "REGRESSION" if name in drops else ""] for name, r in results.ifeval.items()]
+    n = len(next(iter(results.ifeval_scored.values())))
+    header = ["model", "prompt strict", "prompt loose", "instruction strict", "instruction loose", "Δ strict vs base", "flag"]
+    return (f"## General instruction following (regression check)\n\n{n} Chinese prompts with code-verified constraints "
+            "(length, required / forbidden words, paragraphs, lists, JSON, punctuation; nothing about the brand), "
+            "greedy, no system prompt. Strict checks the answer as written; loose also accepts it without its first or "
+            f"last line or Markdown `*`. A prompt-level strict drop of more than {cfg.eval_ifeval_margin:.0%} below the "
+            "base is flagged: brand training should not cost ordinary instruction following.\n\n" + _table(header, rows))
+
+
+def dpo_variants(results: EvalResults) -> list[str]:
+    """The DPO models evaluated when more than one kind of pairs was trained (dpo, dpo-onpolicy, dpo-both)."""
+    variants = [name for name in ("dpo", "dpo-onpolicy", "dpo-both") if name in results.models]
+    return variants if len(variants) > 1 else []
+
+
+def dpo_pairs_section(cfg: EvalStageConfig, results: EvalResults) -> str:
+    """DPO on synthetic pairs against DPO on on-policy pairs (and both): the same numbers side by side."""
+    means, greedy = mean_scores(results.scores).get("overall", {}), results.metrics["greedy"]
+    header = ["model", "pairs", "train pairs", "judge avg", "best-of wins", "lint", "facts ok", "stopped", "IFEval strict"]
+    rows = []
+    for name in dpo_variants(results):
+        manifest = json.loads((cfg.run_dir / name / "manifest.json").read_text(encoding="utf-8"))
+        wins = best_counts(results.verdicts.get(name, []))["overall"][name]
+        overall = greedy[name]["overall"]
+        rows.append([name, manifest.get("pairs", "synthetic"), manifest.get("train_pairs", "–"), means.get(name, float("nan")),
+                     wins, overall["lint_score"], overall["fact_pass_rate"], overall["stop_rate"],
+                     results.ifeval.get(name, {}).get("prompt_strict", float("nan"))])
+    return ("## DPO: synthetic vs on-policy pairs\n\nThe same start (`dpo_from`) and recipe, trained on different pairs "
+            "(`dpo_pairs`): synthetic negatives of golden copy, or the policy's own samples improved by the judge.\n\n"
+            + _table(header, rows))
 
 
 def render_side_by_side(cfg: EvalStageConfig, results: EvalResults, brand, started: str) -> str:
@@ -570,6 +628,8 @@ def run_eval(cfg: EvalStageConfig) -> Path:
     plot_stage_chart(stage_changes(results), out / "charts" / "stages.png")
     atomic_write_text(out / "results.json", json.dumps(results.as_dict(), ensure_ascii=False, indent=2, default=float))
     atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
+    atomic_write_text(out / "ifeval.jsonl", "".join(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n"
+                                                    for name, rows in results.ifeval_scored.items() for row in rows))
     atomic_write_text(out / "report.md", render_report(cfg, results, charts, started))
     write_manifest(cfg, [brand.path / "golden.jsonl"], {"models": models, "partial": results.missing})
     return out

@@ -286,3 +286,33 @@ def serve(server: ScriptedServer) -> None:
             pass
     finally:
         server.stop()
+
+
+def improve_responder(brand):
+    """A responder for ``improve.improve_messages``: the judge-and-improve step without an API.
+
+    A sample that lint finds clean is judged good. Any other is judged bad, and the improved text
+    is the brand's golden copy of that (product, content type); a pair the golden set lacks gets
+    an "improved" text that lint rejects, so the request ends in the failures file after its
+    repairs, as a judge that cannot fix the copy would. Repair turns get the same answer.
+
+    Returns:
+        ``responder(request_body) -> answer text`` (strict JSON, as the prompt asks).
+    """
+    from brandcopy.brand import load_golden  # imported here: mockserver stays free of the library otherwise
+    from brandcopy.improve import CANDIDATE_BLOCK, HEADER, lint_problems
+
+    golden = {(r["product_id"], r["content_type"]): r["text"] for r in load_golden(brand)}
+
+    def respond(body: dict) -> str:
+        first = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        product_id, content_type = HEADER.search(first).groups()
+        text = CANDIDATE_BLOCK.search(first).group(1)
+        problems = lint_problems(brand, text, content_type, product_id)
+        if not problems:
+            return json.dumps({"verdict": "good", "reasons": ["规则检查通过，结构与语气合格"], "improved": ""}, ensure_ascii=False)
+        improved = golden.get((product_id, content_type), "（示例服务器没有这类范文）")
+        reasons = [p.split("（")[0] for p in problems[:3]]
+        return json.dumps({"verdict": "bad", "reasons": reasons, "improved": improved}, ensure_ascii=False)
+
+    return respond

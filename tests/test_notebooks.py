@@ -165,7 +165,7 @@ def run_parameters(output_root: Path) -> dict:
                  "eval_max_samples=3", "eval_batch_size=3", "eval_max_new_tokens=16", "eval_sampled=false",
                  "eval_side_by_side=2"]
     return {"PRESET": "tiny-cpu", "RUN": "nb", "OUTPUT_ROOT": str(output_root), "OVERRIDES": overrides,
-            "API_BASE_URL": "", "CONTENT_TYPES": ["paid_ad_cta", "social_media_review"]}
+            "API_BASE_URL": "", "CONTENT_TYPES": ["paid_ad_cta", "social_media_review"], "IMPROVE_MAX_PROMPTS": 6}
 
 
 def inject_parameters(book, values: dict) -> None:
@@ -278,5 +278,9 @@ def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch, pretraine
     assert "identical greedy output on 3 of 3 prompts" in texts["07_merge_export"]
     # 08: a complete report, judged by the scripted judge.
     results = json.loads((run / "eval" / "results.json").read_text(encoding="utf-8"))
-    assert results["partial"] == [] and set(results["models"]) == {"base", "sft", "dpo", "grpo", "merged"}
-    assert "Position bias" in (run / "eval" / "report.md").read_text(encoding="utf-8")
+    assert results["partial"] == [] and set(results["models"]) == {"base", "sft", "dpo", "dpo-onpolicy", "grpo", "merged"}
+    report = (run / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "Position bias" in report
+    # 06: on-policy pairs from the SFT model's samples, DPO on them; 08 compares both DPOs and runs the regression check.
+    assert (run / "data" / "preference_onpolicy_train.jsonl").stat().st_size > 0 and (run / "dpo-onpolicy" / "manifest.json").is_file()
+    assert "## DPO: synthetic vs on-policy pairs" in report and "## General instruction following" in report

@@ -1,7 +1,10 @@
 """DPO stage: direct preference optimisation of the SFT adapter on chosen/rejected pairs.
 
-Reads ``<run>/data/preference_{train,val}.jsonl`` and the adapter of ``<run>/<dpo_from>``
-(``sft`` by default); writes the trained adapter to ``<run>/dpo``. The reference policy is a
+Reads the pairs ``dpo_pairs`` names (``synthetic``: ``<run>/data/preference_train.jsonl``;
+``onpolicy``: ``preference_onpolicy_train.jsonl`` from ``brandcopy data improve``; ``both``) and
+the adapter of ``<run>/<dpo_from>`` (``sft`` by default); writes the trained adapter to ``<run>/dpo``
+(``dpo-onpolicy``, ``dpo-both``), so the variants can be evaluated side by side. Every variant is
+validated on the same held-out synthetic pairs, ``preference_val.jsonl``. The reference policy is a
 frozen copy of the starting adapter (TRL adds it as the ``ref`` adapter), not the bare base.
 """
 
@@ -16,6 +19,7 @@ from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
 from brandcopy.run import (
+    DATA_KINDS,
     MetricsCallback,
     begin_stage,
     changed_params,
@@ -24,6 +28,7 @@ from brandcopy.run import (
     finish_stage,
     load_split,
     param_fingerprint,
+    read_jsonl,
     require_stage,
     save_adapter,
     training_args,
@@ -32,6 +37,21 @@ from brandcopy.run import (
 __all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
 
 logger = logging.getLogger(__name__)
+
+PAIR_FILES = {"synthetic": ("preference",), "onpolicy": ("preference_onpolicy",), "both": ("preference", "preference_onpolicy")}
+
+
+def train_pairs(cfg: DPOStageConfig):
+    """The training pairs ``dpo_pairs`` names, as one dataset of ``prompt`` / ``chosen`` / ``rejected``.
+
+    Raises:
+        StageInputError: A pair file is missing or empty.
+    """
+    from datasets import Dataset
+
+    fields = DATA_KINDS["preference"]
+    rows = [row for kind in PAIR_FILES[cfg.dpo_pairs] for row in read_jsonl(data_file(cfg.data_path, kind, "train"), fields)]
+    return Dataset.from_list([{name: row[name] for name in fields} for row in rows])
 
 
 def dpo_config(cfg: DPOStageConfig) -> "trl.DPOConfig":
@@ -60,7 +80,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
         StageInputError: The starting stage is missing or unfinished, or a data file is missing or empty.
     """
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
-    train = load_split(cfg.data_path, "preference", "train")
+    train = train_pairs(cfg)
     val = load_split(cfg.data_path, "preference", "val")
     if cfg.dpo_eval_pairs:  # every evaluation scores each pair with the policy and the reference: keep it small
         val = val.select(range(min(cfg.dpo_eval_pairs, len(val))))
@@ -78,8 +98,10 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
     changed = changed_params(before, trainer.model)
     metrics = final_eval(trainer)
     save_adapter(trainer.model, tokenizer, cfg.out_dir)
-    files = [data_file(cfg.data_path, "preference", s) for s in ("train", "val")]
+    files = [data_file(cfg.data_path, kind, "train") for kind in PAIR_FILES[cfg.dpo_pairs]]
+    files.append(data_file(cfg.data_path, "preference", "val"))
     extra = {"train_loss": result.training_loss, "global_step": result.global_step, "resumed_from": resume_from,
              "started_from": str(source), "changed_tensors": len(changed),
-             "eval_reward_accuracy": metrics.get("eval_rewards/accuracies")}
+             "eval_reward_accuracy": metrics.get("eval_rewards/accuracies"), "pairs": cfg.dpo_pairs,
+             "train_pairs": len(train)}
     return finish_stage(cfg, files, ("loss", "rewards/margins", "rewards/accuracies", "eval_loss"), extra)

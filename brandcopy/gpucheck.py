@@ -34,7 +34,7 @@ SMALL_RUN = {
     "sft_max_steps": 8, "reward_max_steps": 6, "dpo_max_steps": 6, "grpo_max_steps": 4,
     "save_steps": 1000, "logging_steps": 1, "merge_from": "grpo", "merge_gguf": "",
     "eval_models": [], "eval_max_samples": 8, "eval_max_new_tokens": 256, "eval_sampled": False,
-    "eval_judge": True, "eval_judge_mock": True, "grpo_reward_weights": {
+    "eval_judge": True, "eval_judge_mock": True, "eval_ifeval_max_samples": 8, "grpo_reward_weights": {
         "lint": 1.0, "fact": 1.0, "format": 1.0, "cta": 0.5, "reward_model": 0.5, "judge": 0.0},
 }
 STAGES = ("data", "sft", "reward", "dpo", "grpo", "merged", "eval", "chat")

@@ -206,6 +206,7 @@ class EvalStageConfig(CommonConfig):
     eval_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
     eval_judge_concurrency: int = 8
     eval_side_by_side: int = 5  # prompts shown in side_by_side.md
+    eval_preference_pairs: int = 0  # held-out preference pairs scored per model (preference accuracy); 0 = all
     eval_ifeval: bool = True  # general instruction-following regression check (data/ifeval_zh.jsonl), base vs every stage
     eval_ifeval_max_samples: int = 0  # prompts of the check; 0 = all
     eval_ifeval_max_new_tokens: int = 0  # generation budget of the check; 0 = eval_max_new_tokens

@@ -227,7 +227,7 @@ def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
     """
     prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
     golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
-    pairs = preference_rows(cfg)
+    pairs = preference_rows(cfg)[: cfg.eval_preference_pairs or None]
     checks = load_ifeval_prompts(max_prompts=cfg.eval_ifeval_max_samples) if cfg.eval_ifeval else []
     for name in results.models:
         evaluate_model(cfg, name, prompts, golden, pairs, checks, results)

@@ -3,7 +3,7 @@
 Import submodules directly (``from brandcopy import lint``); this package imports nothing heavy.
 """
 
-import logging
+from brandcopy.display import drop_kernels_warning
 
 __version__ = "0.1.0"
 
@@ -11,6 +11,4 @@ __version__ = "0.1.0"
 # Hugging Face Hub (kernels-community) and logs a warning when it cannot, which it never can here
 # (offline, no `kernels` package). It then uses its own built-in CPU kernel, so nothing is wrong:
 # drop that one message at its source instead of printing it before every train/eval command.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-)
+drop_kernels_warning()

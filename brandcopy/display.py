@@ -84,9 +84,14 @@ def _add_filter_once(logger_name: str, filter_type: type) -> None:
         logger.addFilter(filter_type())
 
 
+def drop_kernels_warning() -> None:
+    """Drop bitsandbytes' kernels-community warning (done on ``import brandcopy``; ``quiet`` does it too). Idempotent."""
+    _add_filter_once(BNB_CPU_LOGGER, _KernelsCommunityFilter)
+
+
 def quiet() -> None:
     """Silence the warnings every run prints and that are expected (see the module docstring). Idempotent."""
-    _add_filter_once(BNB_CPU_LOGGER, _KernelsCommunityFilter)
+    drop_kernels_warning()
     _add_filter_once(LOAD_REPORT_LOGGER, _HeadLoadReportFilter)
     warnings.filterwarnings("ignore", message="IProgress not found")
     for name, value in PROGRESS_ENV.items():

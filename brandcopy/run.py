@@ -202,7 +202,9 @@ def start_training(stage: Path) -> None:
     if is_complete(stage):
         say(f"{cfg.stage}: training started; replacing the finished run in {stage}")
         (stage / "manifest.json").unlink()
-    shutil.rmtree(stage / "checkpoints", ignore_errors=True)  # the trainer makes the folder again when it saves
+    # the old run's checkpoints only: the trackers (TensorBoard's checkpoints/runs/) opened their files a moment ago
+    for old in (stage / "checkpoints").glob("checkpoint-*"):
+        shutil.rmtree(old, ignore_errors=True)
     for name in ("metrics.jsonl", "curve.png"):
         (stage / name).unlink(missing_ok=True)
     save_config(cfg, stage / "config.yaml")

@@ -63,3 +63,37 @@ def sft_run(tiny_model_dir, tmp_path_factory):
     cfg = load_stage_config(SFTStageConfig, REPO / "configs" / "tiny-cpu.yaml",
                             overrides + ["sft_max_steps=30", "sft_lr=5e-3"])
     return overrides, run_sft(cfg)
+
+
+# --- local servers (transformers serve) ------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server, seconds: float = 240) -> None:
+    """Wait until ``transformers serve`` at ``url`` (``http://127.0.0.1:PORT``) answers ``/health``.
+
+    The client fails fast on a refused connection, so a test must not send requests while the
+    server is still loading its model.
+    """
+    import time
+
+    import httpx2
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "transformers serve exited"
+        try:
+            if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"transformers serve not ready after {seconds}s")

@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_healthy
 
 from brandcopy.llm import (
     LLMClient,
@@ -177,13 +177,6 @@ def test_missing_key_variable_is_a_clear_error(monkeypatch):
         LLMConfig(concurrency=0)
 
 
-def free_port() -> int:
-    """A localhost port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_connection_refused_fails_fast_with_the_default_retries(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     config = LLMConfig(model="mock", base_url=url, api_key_env=None, cache_dir=None)  # 6 retries, 1 s backoff
@@ -317,23 +310,18 @@ def test_sigkill_at_five_random_points_then_resume(tmp_path):
     assert all(r["text"] == "收到：问题" + r["key"][1:] for r in records)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_transformers_serve_plain_and_streamed(tmp_path, tiny_model_dir):
     """The real protocol: ``transformers serve`` on the tiny model, which must be named by its exact path."""
     from transformers import AutoTokenizer
 
     [hao] = AutoTokenizer.from_pretrained(tiny_model_dir).encode("好")
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(tiny_model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     server = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_healthy(f"http://127.0.0.1:{port}", server)  # the client fails fast on a refused connection
         config = LLMConfig(model=str(tiny_model_dir), base_url=f"http://127.0.0.1:{port}/v1", api_key_env=None,
                            concurrency=2, timeout=60, max_retries=30, backoff_base=0.5, backoff_cap=1.0, cache_dir=None)
         # A random tiny model rarely ends a turn: bias one token and stop on it, so the answer is known.

@@ -3,16 +3,13 @@
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import httpx2
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port, wait_healthy
 from typer.testing import CliRunner
 
 from brandcopy import write
@@ -111,25 +108,6 @@ def test_write_with_the_local_tiny_model_reports_why_nothing_passed(tmp_path, br
     assert len({c.text for c in result.candidates}) > 1  # sampled: the candidates differ
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "transformers serve exited"
-        try:
-            if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx2.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"transformers serve not ready after {seconds}s")
-
-
 @pytest.mark.slow
 def test_write_through_transformers_serve_on_localhost(tmp_path, tiny_model_dir):
     """The CPU serving route: ``transformers serve`` of a model folder bound to 127.0.0.1, and
@@ -137,12 +115,12 @@ def test_write_through_transformers_serve_on_localhost(tmp_path, tiny_model_dir)
     so every candidate is refused as cut off and the request fails with that reason, no text."""
     merged = tmp_path / "merged"
     merged.symlink_to(tiny_model_dir, target_is_directory=True)
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(merged),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     server = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", server)
+        wait_healthy(f"http://127.0.0.1:{port}", server)
         args = ["write", "--config", str(PRESET), "--product", "YS-001", "--type", "paid_ad_cta", "-n", "2",
                 "--max-new-tokens", "8", "--base-url", f"http://127.0.0.1:{port}/v1", "--api-model", str(merged),
                 "--api-key-env", "", "--out", str(tmp_path / "write"), f"output_root={tmp_path}"]

@@ -154,17 +154,24 @@ def test_run_adapters_names_the_missing_stage(tmp_path, adapters):
         run_adapters(tmp_path, ["dpo"])
 
 
-def _read_until(proc, marker: str, seen: list[str], timeout: float = 600) -> str:
-    """Read the process's output until ``marker`` appears after what was already seen."""
+def _read_until(proc, marker: str, seen: dict, timeout: float = 600) -> str:
+    """Read the process's output until ``marker`` appears after the previous marker's match.
+
+    ``seen`` holds the bytes read so far and the position after the last match: one read can bring
+    several markers at once ("[已停止这条回复]" and the next prompt), so the search must not start at
+    the end of what was read. Bytes are decoded as a whole, so a character split across reads is whole.
+    """
     import select
     import time
 
-    start, deadline = len("".join(seen)), time.monotonic() + timeout
-    while marker not in "".join(seen)[start:]:
-        assert time.monotonic() < deadline and proc.poll() is None, f"no {marker!r} in:\n{''.join(seen)[-2000:]}"
+    deadline = time.monotonic() + timeout
+    while (found := seen["bytes"].decode("utf-8", "replace").find(marker, seen["pos"])) < 0:
+        text = seen["bytes"].decode("utf-8", "replace")
+        assert time.monotonic() < deadline and proc.poll() is None, f"no {marker!r} in:\n{text[-2000:]}"
         if select.select([proc.stdout], [], [], 1)[0]:
-            seen.append(os.read(proc.stdout.fileno(), 4096).decode("utf-8", "replace"))
-    return "".join(seen)
+            seen["bytes"] += os.read(proc.stdout.fileno(), 4096)
+    seen["pos"] = found + len(marker)
+    return seen["bytes"].decode("utf-8", "replace")
 
 
 @pytest.mark.slow
@@ -182,7 +189,7 @@ def test_the_chat_process_survives_ctrl_c_mid_reply_and_ends_cleanly_on_ctrl_d(t
     proc = subprocess.Popen(command, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # CI ignores SIGINT
-    seen = []
+    seen = {"bytes": b"", "pos": 0}
     try:
         _read_until(proc, "你：", seen)
         proc.stdin.write("精华怎么用\n".encode())
@@ -195,6 +202,6 @@ def test_the_chat_process_survives_ctrl_c_mid_reply_and_ends_cleanly_on_ctrl_d(t
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
-    output = "".join(seen) + proc.stdout.read().decode("utf-8", "replace")
+    output = (seen["bytes"] + proc.stdout.read()).decode("utf-8", "replace")
     assert "Traceback" not in output and "terminate called" not in output and "kernels-community" not in output
     assert output.endswith("\n")

@@ -34,11 +34,10 @@ from pathlib import Path
 from brandcopy import prompts
 from brandcopy.brand import load_golden, read_records
 from brandcopy.config import atomic_write_text
-from brandcopy.lint import FACT_KINDS, lint_text, name_spans
+from brandcopy.lint import CTA_KIND, EXAGGERATION_KINDS, FACT_KINDS, MARKUP_KIND, lint_text, name_spans
 from brandcopy.llm import LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
 from brandcopy.mockserver import ScriptedServer
 
-EXAGGERATION_KINDS = ("forbidden_word", "absolute_claim", "exclamation")
 LLM_NEGATIVE_MIX = {"weak": 0.5, "exaggerated": 0.3, "fake": 0.2}
 
 
@@ -161,10 +160,10 @@ def is_flat(brand, text: str, content_type: str) -> bool:
 def _needs(brand, pass_name: str, sample: dict, text: str) -> bool:
     kinds = violation_kinds(brand, text, sample["content_type"], sample["product_id"])
     if pass_name == "markup":
-        return "markup" in kinds
+        return MARKUP_KIND in kinds
     if pass_name == "persona":
         return is_flat(brand, text, sample["content_type"])
-    return "missing_cta" in kinds
+    return CTA_KIND in kinds
 
 
 def _clean_validator(brand, pass_name: str, before: dict[str, str]):
@@ -177,9 +176,9 @@ def _clean_validator(brand, pass_name: str, before: dict[str, str]):
         introduced = new - old
         if introduced:
             return "改写引入了新问题：\n" + "\n".join(p for p in lint_problems(brand, text, meta["content_type"], meta["product_id"]) if p.split("：")[0] in introduced)
-        if pass_name == "markup" and "markup" in new:
+        if pass_name == "markup" and MARKUP_KIND in new:
             return "仍有残留的标签或标记"
-        if pass_name == "cta" and "missing_cta" in new:
+        if pass_name == "cta" and CTA_KIND in new:
             return "结尾仍然没有行动号召"
         if pass_name == "persona" and is_flat(brand, text, meta["content_type"]):
             return "仍然没有第一人称的人设和故事"
@@ -362,12 +361,12 @@ def truncate(brand, sample: dict, rng: random.Random) -> str | None:
     return sample["text"][: max(1, int(len(sample["text"]) * rng.uniform(0.3, 0.5)))]
 
 
-OFFLINE_NEGATIVES = {  # kind -> (make, family, lint kinds it must trigger; () = no requirement)
+OFFLINE_NEGATIVES = {  # kind -> (make, family, lint kinds it must trigger; empty = no requirement)
     "swap_material": (swap_material, "fake", FACT_KINDS),
     "alter_fact": (alter_fact, "fake", FACT_KINDS),
     "insert_banned": (insert_banned, "exaggerated", EXAGGERATION_KINDS),
-    "drop_cta": (drop_cta, "weak", ("missing_cta",)),
-    "truncate": (truncate, "weak", ()),
+    "drop_cta": (drop_cta, "weak", frozenset({CTA_KIND})),
+    "truncate": (truncate, "weak", frozenset()),
 }
 
 
@@ -384,7 +383,7 @@ def offline_negatives(brand, sample: dict, seed: int = 0) -> list[dict]:
         if text is None or text == sample["text"]:
             continue
         kinds = violation_kinds(brand, text, sample["content_type"], sample["product_id"])
-        if must_trigger and not kinds & set(must_trigger):
+        if must_trigger and not kinds & must_trigger:
             continue
         negatives.append(_negative(sample, kind, family, "offline", text, kinds))
     return negatives
@@ -434,9 +433,9 @@ def _negative_validator(brand):
         if text.strip() == meta["chosen"].strip():
             return "改写后与原文相同"
         kinds = violation_kinds(brand, text, meta["content_type"], meta["product_id"])
-        if meta["family"] == "exaggerated" and not kinds & set(EXAGGERATION_KINDS):
+        if meta["family"] == "exaggerated" and not kinds & EXAGGERATION_KINDS:
             return "反例没有出现禁用词、绝对化用语或多个感叹号，请加强夸张程度"
-        if meta["family"] == "fake" and not kinds & set(FACT_KINDS):
+        if meta["family"] == "fake" and not kinds & FACT_KINDS:
             return f"反例没有与产品信息不符的{brand.wording.fact_scope}，请植入明确的事实错误"
         return None
 

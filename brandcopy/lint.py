@@ -38,10 +38,16 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from brandcopy.brand import read_records
 
-RULE_KINDS = ("forbidden_word", "absolute_claim", "exclamation", "missing_cta", "length", "markup")
+# The grader's vocabulary: every module that reads violation kinds imports them from here.
+CTA_KIND = "missing_cta"
+LENGTH_KIND = "length"
+MARKUP_KIND = "markup"
+EXAGGERATION_KINDS = frozenset({"forbidden_word", "absolute_claim", "exclamation"})  # what an exaggerated negative must trigger
+RULE_KINDS = ("forbidden_word", "absolute_claim", "exclamation", CTA_KIND, LENGTH_KIND, MARKUP_KIND)
 FACT_KINDS = frozenset({"unknown_material", "wrong_share", "unsupported_claim", "wrong_fact"})  # need a product_id
 
 # The imperative calls to action copywriters use, shared by every brand; a brand adds its own
@@ -112,7 +118,7 @@ class Violation:
     text: str
     message: str
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {"kind": self.kind, "span": list(self.span), "text": self.text, "message": self.message}
 
 
@@ -124,20 +130,25 @@ class LintResult:
     score: float
 
     @property
-    def clean(self):
+    def clean(self) -> bool:
         return not self.violations
 
-    def kinds(self):
+    def kinds(self) -> set[str]:
         """The set of violation kinds present."""
         return {v.kind for v in self.violations}
 
 
-def score(violations):
+def copy_length(text: str) -> int:
+    """Characters of the copy, whitespace excluded: how content_types.yaml defines length."""
+    return sum(1 for c in text if not c.isspace())
+
+
+def score(violations: list[Violation]) -> float:
     """The lint score: ``1 / (1 + len(violations))``, in (0, 1], 1.0 when clean."""
     return 1.0 / (1.0 + len(violations))
 
 
-def normalize(text):
+def normalize(text: str) -> str:
     """NFKC + lower-case per character, keeping one character per character so spans survive."""
     return "".join(_normalize_char(c) for c in text)
 
@@ -279,21 +290,21 @@ def _check_exclamation(text, norm):
 def _check_cta(text, norm, rules, spec, brand):
     if not spec.cta_required or rules.cta.search(norm):
         return []
-    return [_violation(text, "missing_cta", len(text), len(text), f"{spec.name_zh}需要明确的行动号召（如“{brand.cta_phrases[0]}”）")]
+    return [_violation(text, CTA_KIND, len(text), len(text), f"{spec.name_zh}需要明确的行动号召（如“{brand.cta_phrases[0]}”）")]
 
 
 def _check_length(text, spec):
-    count = sum(1 for c in text if not c.isspace())
+    count = copy_length(text)
     low, high = spec.length
     if low <= count <= high:
         return []
-    return [_violation(text, "length", 0, len(text), f"全文{count}字（不计空白），{spec.name_zh}要求{low}–{high}字")]
+    return [_violation(text, LENGTH_KIND, 0, len(text), f"全文{count}字（不计空白），{spec.name_zh}要求{low}–{high}字")]
 
 
 def _check_markup(text, norm, spec):
-    found = [_violation(text, "markup", m.start(), m.end(), f"残留的格式或标签：{label}")
+    found = [_violation(text, MARKUP_KIND, m.start(), m.end(), f"残留的格式或标签：{label}")
              for pattern, label in _MARKUP for m in pattern.finditer(norm)]
-    return found + [_violation(text, "markup", m.start(), m.end(), "残留的格式或标签：结构标签")
+    return found + [_violation(text, MARKUP_KIND, m.start(), m.end(), "残留的格式或标签：结构标签")
                     for m in _label_markup(spec.labels).finditer(norm)]
 
 
@@ -503,7 +514,7 @@ def _check_values(text, norm, rules, brand, product):
     return violations
 
 
-def check_facts(brand, text, norm, product):
+def check_facts(brand, text: str, norm: str, product) -> list[Violation]:
     """Every fact-check violation of one text about ``product`` (names masked first)."""
     rules = _rules(brand)
     masked = _mask_names(norm, rules)
@@ -511,7 +522,7 @@ def check_facts(brand, text, norm, product):
             + _check_numbers(text, masked, rules, product) + _check_values(text, masked, rules, brand, product))
 
 
-def name_spans(brand, text):
+def name_spans(brand, text: str) -> list[tuple[int, int]]:
     """Spans of the brand's and every product's name in ``text`` (what no edit may touch)."""
     return [(m.start(), m.end()) for m in _rules(brand).names.finditer(normalize(text))]
 
@@ -519,7 +530,7 @@ def name_spans(brand, text):
 # --- entry points -------------------------------------------------------------------------
 
 
-def lint_text(brand, text, content_type, product_id=None):
+def lint_text(brand, text: str, content_type: str, product_id: str | None = None) -> LintResult:
     """Lints one text against the brand guide, the content type and (with product_id) the catalog.
 
     Args:
@@ -545,12 +556,12 @@ def lint_text(brand, text, content_type, product_id=None):
     return LintResult(tuple(violations), score(violations))
 
 
-def lint_records(brand, records):
+def lint_records(brand, records: list[dict]) -> list[LintResult]:
     """Lints records with ``text``, ``content_type`` and optional ``product_id``; one LintResult each."""
     return [lint_text(brand, r["text"], r["content_type"], r.get("product_id")) for r in records]
 
 
-def lint_file(path, brand):
+def lint_file(path: str | Path, brand) -> list[tuple[int, dict, LintResult]]:
     """Validates every line of a JSONL file, then lints each record.
 
     Args:
@@ -569,7 +580,7 @@ def lint_file(path, brand):
     return [(number, record, result) for (number, record), result in zip(numbered, results)]
 
 
-def result_json(record_id, result):
+def result_json(record_id: str | None, result: LintResult) -> str:
     """The ``--json`` line of one record."""
     return json.dumps({"id": record_id, "violations": [v.to_dict() for v in result.violations], "score": round(result.score, 4)},
                       ensure_ascii=False)
@@ -583,7 +594,7 @@ def _marked(text, span, width=18):
     return f"…{left}⟦{middle}⟧{right}…".replace("\n", " ")
 
 
-def format_report(linted):
+def format_report(linted: list[tuple[int, dict, LintResult]]) -> str:
     """A readable report of ``lint_file`` output, offending spans marked with ⟦ ⟧."""
     lines = []
     for number, record, result in linted:

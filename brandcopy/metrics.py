@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from brandcopy.lint import FACT_KINDS, lint_text
+from brandcopy.lint import CTA_KIND, FACT_KINDS, copy_length, lint_text
 
-CTA_KIND = "missing_cta"
 AD_FAMILY = "paid_ad"
 
 
@@ -37,7 +36,7 @@ class Sample:
 
 
 def _chars(text: str) -> list[str]:
-    """Characters of a text without whitespace (the unit of length in content_types.yaml)."""
+    """Characters of a text without whitespace: ROUGE-L's and distinct-n's tokens."""
     return [ch for ch in text if not ch.isspace()]
 
 
@@ -94,8 +93,8 @@ def _group_metrics(brand, samples: list[Sample], unit: str) -> dict[str, float]:
     lints = [lint_text(brand, s.text, s.content_type, s.product_id) for s in samples]
     kinds = [{v.kind for v in result.violations} for result in lints]
     ads = [k for s, k in zip(samples, kinds) if brand.content_type(s.content_type).family == AD_FAMILY]
-    lengths = [len(_chars(s.text)) for s in samples]
-    ref_lengths = [len(_chars(s.reference)) for s in samples]
+    lengths = [copy_length(s.text) for s in samples]
+    ref_lengths = [copy_length(s.reference) for s in samples]
     return {
         "n": len(samples),
         "empty_rate": _mean([float(not s.text.strip()) for s in samples]),

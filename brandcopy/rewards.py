@@ -14,14 +14,11 @@ from functools import lru_cache
 
 from brandcopy.brand import load_brand
 from brandcopy.judge import MOCK_JUDGE_MODEL, JudgeItem, heuristic_judge_responder, judge_config, judge_single
-from brandcopy.lint import FACT_KINDS, lint_text
+from brandcopy.lint import CTA_KIND, FACT_KINDS, MARKUP_KIND, copy_length, lint_text
 from brandcopy.llm import LLMClient
 from brandcopy.mockserver import ScriptedServer
 
 logger = logging.getLogger(__name__)
-
-FORMAT_KINDS = frozenset({"length", "markup"})
-CTA_KIND = "missing_cta"
 
 
 def completion_text(completion) -> str:
@@ -62,11 +59,6 @@ def fact_reward(completions, brand, content_type, product_id, **kwargs) -> list[
     return [max(0.0, 1.0 - 0.5 * sum(v.kind in FACT_KINDS for v in r.violations)) for r in results]
 
 
-def copy_length(text: str) -> int:
-    """Characters of the copy, whitespace excluded (how content-type lengths are defined)."""
-    return sum(1 for c in text if not c.isspace())
-
-
 def length_score(text: str, low: int, high: int) -> float:
     """1.0 inside [low, high]; outside, the ratio of the length to the nearest bound (0 for empty)."""
     n = copy_length(text)
@@ -80,7 +72,7 @@ def format_reward(completions, brand, content_type, product_id, **kwargs) -> lis
     scores = []
     for c, b, t, result in zip(completions, brand, content_type, _lints(completions, brand, content_type, product_id)):
         low, high = cached_brand(b).content_type(t).length
-        scores.append(0.0 if "markup" in _kinds(result) else length_score(completion_text(c), low, high))
+        scores.append(0.0 if MARKUP_KIND in _kinds(result) else length_score(completion_text(c), low, high))
     return scores
 
 

@@ -78,17 +78,16 @@ def _data_dir(output_root: str, run: str):
 
 
 def _run_llm_step(mock: bool, brand, model: str, base_url: str, api_key_env: str, concurrency: int, step):
-    """Builds the client (or the scripted server's) and runs ``step(client)``; clear errors, exit 2."""
+    """Builds the client (for the scripted server with ``mock``) and runs ``step(client)``; clear errors, exit 2."""
     from brandcopy.brand import BrandDataError
-    from brandcopy.datagen import mock_llm
     from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMFatalError
+    from brandcopy.mockserver import SCRIPTED, endpoint
 
     try:
-        if mock:
-            with mock_llm(brand, concurrency=concurrency) as config:
-                return step(LLMClient(config))
-        config = LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency)
-        return step(LLMClient(config))
+        config = LLMConfig(model=model, base_url=SCRIPTED if mock else base_url, api_key_env=api_key_env or None,
+                           concurrency=concurrency)
+        with endpoint(config, brand) as config:
+            return step(LLMClient(config))
     except (LLMConfigError, LLMFatalError, BrandDataError, OSError) as err:
         _fail(str(err))
 
@@ -204,22 +203,24 @@ def data_improve(
     max_similarity: float = typer.Option(0.8, help="Drop pairs whose chosen and rejected have a higher character ROUGE-L."),
     max_repairs: int = typer.Option(2, help="Repair rounds of the judge's answer."),
     model: str = _MODEL, base_url: str = _BASE_URL, api_key_env: str = _KEY_ENV, concurrency: int = _CONCURRENCY,
-    mock: bool = typer.Option(False, help="Judge with the built-in scripted improve judge, no external API."),
+    mock: bool = typer.Option(False, help="Judge with the built-in scripted server's improve judge, no external API."),
 ):
     """On-policy pairs: sample a stage, judge + improve each sample, write preference_onpolicy_<split>.jsonl."""
     from dataclasses import replace
 
     from brandcopy.brand import BrandDataError, load_brand
     from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
-    from brandcopy.improve import SAMPLE_PARAMS, improve_endpoint, run_improve
-    from brandcopy.llm import LLMConfigError, LLMFatalError
+    from brandcopy.improve import SAMPLE_PARAMS, run_improve
+    from brandcopy.llm import LLMConfig, LLMConfigError, LLMFatalError
+    from brandcopy.mockserver import SCRIPTED, endpoint
     from brandcopy.run import StageInputError
 
     try:
         cfg = load_stage_config(EvalStageConfig, config, overrides or [])
         params = replace(SAMPLE_PARAMS, max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed)
-        with improve_endpoint(load_brand(cfg.brand), "" if mock else base_url, model, api_key_env, concurrency,
-                              f"{cfg.output_root}/llm-cache") as llm:
+        judge = LLMConfig(model=model, base_url=SCRIPTED if mock else base_url, api_key_env=api_key_env or None,
+                          concurrency=concurrency, cache_dir=f"{cfg.output_root}/llm-cache")
+        with endpoint(judge, load_brand(cfg.brand)) as llm:
             report = run_improve(cfg, llm, stage, k, split, content_types.split(",") if content_types else None,
                                  max_prompts, params, max_similarity, max_repairs)
     except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError, ValueError) as err:
@@ -231,18 +232,17 @@ def data_improve(
 @data_app.command("serve-mock")
 def data_serve_mock(
     port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),
-    brand: str = typer.Option("yuansu", help="Answer datagen prompts with this brand's golden copy ('' to echo)."),
+    brand: str = typer.Option("yuansu", help="Answer datagen, improve and judge prompts for this brand ('' to echo)."),
     latency: float = typer.Option(0.0, help="Seconds every answer waits."),
     fault_rate: float = typer.Option(0.0, help="Probability of an injected fault per request."),
     seed: int = typer.Option(0, help="Seed of the fault RNG."),
 ):
     """Run the scripted OpenAI-compatible server (model name: any) until Ctrl-C."""
     from brandcopy.brand import BrandDataError, load_brand
-    from brandcopy.datagen import golden_responder
-    from brandcopy.mockserver import Faults, ScriptedServer, serve
+    from brandcopy.mockserver import Faults, ScriptedServer, scripted_responder, serve
 
     with _bad_input(BrandDataError):
-        responder = golden_responder(load_brand(brand)) if brand else None
+        responder = scripted_responder(load_brand(brand)) if brand else None
     serve(ScriptedServer(responder=responder, faults=Faults(rate=fault_rate), latency=latency, seed=seed, port=port))
 
 
@@ -266,8 +266,11 @@ _CONFIG = typer.Option(..., "--config", "-c", help="Flat YAML preset, e.g. confi
 _OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (lr=1e-4).")
 
 
-def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None):
+def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None, judged: bool = False):
     """Load the stage config (errors exit 2 before any model loads), run the stage, print its folder.
+
+    A ``judged`` stage (grpo) gets its judge's endpoint, ``stage.judge_endpoint(cfg)``, through
+    ``mockserver.endpoint``: a preset's ``scripted`` judge serves for the whole stage.
 
     The backend is prepared before the stage's module (and with it trl) is imported, so that on the
     unsloth backend Unsloth's patched trainers are the ones the stage gets; the preset is checked
@@ -284,7 +287,14 @@ def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides
     from brandcopy.run import DataFileError, StageInputError
 
     with _bad_input(config_module.ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
-        out = getattr(stage, run_fn)(cfg)
+        if not judged:
+            out = getattr(stage, run_fn)(cfg)
+        else:
+            from brandcopy.brand import load_brand
+            from brandcopy.mockserver import endpoint
+
+            with endpoint(stage.judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+                out = getattr(stage, run_fn)(cfg, judge=judge)
     typer.echo(f"{cfg.stage} finished: {out}")
 
 
@@ -309,7 +319,7 @@ def train_dpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
 @train_app.command("grpo")
 def train_grpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """GRPO from the SFT adapter with the brand rewards -> <run>/grpo."""
-    _run_stage("GRPOStageConfig", "run_grpo", "grpo", config, overrides)
+    _run_stage("GRPOStageConfig", "run_grpo", "grpo", config, overrides, judged=True)
 
 
 @app.command("merge")
@@ -369,12 +379,14 @@ def eval_command(
     from brandcopy.config import ConfigError, EvalStageConfig
 
     cfg = _stage_config_or_exit(EvalStageConfig, config, overrides)
-    from brandcopy.brand import BrandDataError
-    from brandcopy.evaluate import run_eval
+    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.evaluate import judge_endpoint, run_eval
+    from brandcopy.mockserver import endpoint
     from brandcopy.run import StageInputError
 
     with _bad_input(ConfigError, StageInputError, BrandDataError, ValueError, FileNotFoundError):
-        out = run_eval(cfg)
+        with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+            out = run_eval(cfg, judge)
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(("PARTIAL report: " if "**PARTIAL**" in report else "report: ") + str(out / "report.md"))
 

@@ -163,9 +163,8 @@ class GRPOStageConfig(CommonConfig):
     grpo_use_vllm: bool = False
     grpo_vllm_mode: str = field(default="colocate", metadata=_choices("colocate", "server"))
     grpo_vllm_gpu_memory_utilization: float = 0.5
-    grpo_judge_mock: bool = False  # the judge reward uses the local scripted heuristic judge instead of an API
     grpo_judge_model: str = "deepseek-chat"
-    grpo_judge_base_url: str = "https://api.deepseek.com"
+    grpo_judge_base_url: str = "https://api.deepseek.com"  # "scripted": the CLI/demo wiring starts mockserver's judge
     grpo_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
 
 
@@ -200,9 +199,8 @@ class EvalStageConfig(CommonConfig):
     eval_top_p: float = 0.9  # sampled setting
     eval_rouge_unit: str = field(default="char", metadata=_choices("char", "word"))  # word = jieba
     eval_judge: bool = True  # run the LLM judge (the report is PARTIAL without it)
-    eval_judge_mock: bool = False  # judge with the local scripted heuristic judge instead of an API
     eval_judge_model: str = "deepseek-chat"
-    eval_judge_base_url: str = "https://api.deepseek.com"
+    eval_judge_base_url: str = "https://api.deepseek.com"  # "scripted": the CLI/demo wiring starts mockserver's judge
     eval_judge_api_key_env: str | None = "DEEPSEEK_API_KEY"  # NAME of the key variable; null: local server
     eval_judge_concurrency: int = 8
     eval_side_by_side: int = 5  # prompts shown in side_by_side.md
@@ -311,7 +309,16 @@ def _check_field(cls: type, key: str, value, where: str):
     return value
 
 
+# Keys that existed once: a preset or override still setting one fails with what replaces it.
+REMOVED_KEYS = {
+    "eval_judge_mock": "eval_judge_base_url: scripted (the scripted judge) or a real endpoint",
+    "grpo_judge_mock": "grpo_judge_base_url: scripted (the scripted judge) or a real endpoint",
+}
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"{where}: key '{key}' was removed; use {REMOVED_KEYS[key]}")
     close = difflib.get_close_matches(str(key), sorted(all_keys()), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'{hint}")

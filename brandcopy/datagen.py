@@ -27,16 +27,13 @@ import random
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from brandcopy import prompts
 from brandcopy.brand import load_golden, read_records
 from brandcopy.config import atomic_write_text
 from brandcopy.lint import CTA_KIND, EXAGGERATION_KINDS, FACT_KINDS, MARKUP_KIND, lint_text, name_spans
-from brandcopy.llm import LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
-from brandcopy.mockserver import ScriptedServer
+from brandcopy.llm import LLMClient, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
 
 LLM_NEGATIVE_MIX = {"weak": 0.5, "exaggerated": 0.3, "fake": 0.2}
 
@@ -558,62 +555,3 @@ def _dataset_info(names: list[str]) -> dict:
             entry |= {"ranking": True, "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected", "system": "system"}}
         info[f"brandcopy_{name}"] = entry
     return info
-
-
-# --- the scripted server's answers for the demo and notebooks -----------------------------------
-
-
-def golden_responder(brand, seed: int = 0):
-    """A ``ScriptedServer`` responder that answers datagen prompts with realistic brand copy.
-
-    Generation and cleaning prompts get the golden copy of their (product, content type); a pair
-    the golden set lacks gets a one-line note that lint rejects (too short), so it ends in the
-    failures file instead of passing another product's copy off as this one's. Exaggerated and
-    fake negative prompts get the offline negative of the quoted text; the weak prompt gets a
-    bland one-liner; judge-and-improve prompts get ``mockserver.improve_responder``'s answer; anything
-    else gets the last user message echoed.
-    """
-    golden = load_golden(brand)
-    by_pair = {(r["product_id"], r["content_type"]): r["text"] for r in golden}
-    names = {p.name: p for p in brand.products.values()}
-    from brandcopy.improve import IMPROVE_TASK  # imported here: improve.py loads torch for sampling
-    from brandcopy.mockserver import improve_responder
-
-    improve = improve_responder(brand)  # so `data serve-mock` also answers `data improve`
-
-    def respond(body: dict) -> str:
-        users = [m["content"] for m in body["messages"] if m["role"] == "user"]
-        header = re.search(r"任务：(\S+)\n产品编号：(\S+)\n文案类型：(\S+)", users[0])
-        if header is None:
-            weak = re.match(r"写一段「(.+)」的", users[-1])
-            return f"这款{names[weak.group(1)].name}挺好用的，推荐试试。" if weak else "收到：" + users[-1]
-        task, product_id, content_type = header.groups()
-        if task == IMPROVE_TASK:
-            return improve(body)
-        source = re.search(r"【原文】\n(.*)\n【原文结束】", users[0], re.S)
-        rng = random.Random(f"{seed}:{users[-1]}")
-        sample = {"product_id": product_id, "content_type": content_type, "text": source.group(1) if source else ""}
-        if task == prompts.EXAGGERATED:
-            return insert_banned(brand, sample, rng)
-        if task == prompts.FAKE:
-            return swap_material(brand, sample, rng) or alter_fact(brand, sample, rng) or sample["text"] + _foreign_line(brand, product_id)
-        return by_pair.get((product_id, content_type), f"（示例服务器没有{product_id}的这类范文）")
-
-    return respond
-
-
-def _foreign_line(brand, product_id):
-    """A sentence claiming a material the product does not contain (the fallback fake edit)."""
-    foreign = foreign_materials(brand, brand.product(product_id))
-    return f"另含{foreign[0]}。" if foreign else "（示例服务器无法植入事实错误）"
-
-
-@contextmanager
-def mock_llm(brand, **config_overrides) -> Iterator[LLMConfig]:
-    """A scripted server answering with ``golden_responder`` while the block runs; yields its config.
-
-    The demo and notebooks use it when no real endpoint is configured:
-    ``with mock_llm(brand) as config: generate(LLMClient(config), brand, data_dir)``.
-    """
-    with ScriptedServer(responder=golden_responder(brand)) as server:
-        yield LLMConfig(**{"model": "mock", "base_url": server.url, "api_key_env": None, "cache_dir": None} | config_overrides)

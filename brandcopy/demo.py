@@ -5,11 +5,11 @@ the tiny model, the data through the scripted OpenAI-compatible server (or a rea
 the reward model, GRPO, the merge and the evaluation with the judge. Each stage is its own entry
 point (``run_sft(cfg)``, ..., ``run_eval(cfg)``) called with a config loaded from the preset; this
 module only chooses the preset, builds the tiny model when the preset asks for it, and starts the
-scripted server when no endpoint is given.
+scripted server (``mockserver.endpoint``) when no endpoint is given or a preset's judge is ``scripted``.
 
 The helpers here are the ones the numbered notebooks call: ``use_repo_root``, ``preset_path``,
 ``explain_preset``, ``stage_config``, ``ensure_tiny_model``, ``llm_endpoint``, ``build_data``, ``judge_overrides``,
-``stage_summary`` and ``eval_samples``.
+``judged``, ``stage_summary`` and ``eval_samples``.
 """
 
 import json
@@ -237,9 +237,9 @@ def llm_endpoint(brand, base_url: str = "", model: str = "deepseek-chat", api_ke
                  cache_dir: str | Path = "outputs/llm-cache", concurrency: int = 16) -> Iterator:
     """The data pipeline's ``LLMConfig``: a real endpoint, or the built-in scripted server when ``base_url`` is empty.
 
-    The scripted server answers generation and cleaning prompts with the brand's golden copy and
-    negative prompts with programmatic negatives (``datagen.golden_responder``); it runs while the
-    block runs.
+    The scripted server answers generation and cleaning prompts with the brand's golden copy,
+    negative prompts with programmatic negatives and judge-and-improve prompts with lint's verdict
+    (``mockserver.scripted_responder``); it runs while the block runs.
 
     Args:
         brand: A loaded Brand.
@@ -250,22 +250,20 @@ def llm_endpoint(brand, base_url: str = "", model: str = "deepseek-chat", api_ke
         cache_dir: On-disk response cache of the real endpoint.
         concurrency: Requests in flight.
     """
-    from brandcopy.datagen import mock_llm
     from brandcopy.llm import LLMConfig
+    from brandcopy.mockserver import SCRIPTED, endpoint
 
-    if not base_url:
-        with mock_llm(brand, concurrency=concurrency) as config:
-            yield config
-        return
-    yield LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency,
-                    cache_dir=str(cache_dir))
+    config = LLMConfig(model=model, base_url=base_url or SCRIPTED, api_key_env=api_key_env or None,
+                       concurrency=concurrency, cache_dir=str(cache_dir))
+    with endpoint(config, brand) as config:
+        yield config
 
 
 def judge_overrides(base_url: str = "", model: str = "deepseek-chat", api_key_env: str = "DEEPSEEK_API_KEY") -> list[str]:
     """Eval overrides that point the judge at ``base_url``; none (the preset's judge) when it is empty."""
     if not base_url:
         return []
-    return ["eval_judge_mock=false", f"eval_judge_base_url={base_url}", f"eval_judge_model={model}",
+    return [f"eval_judge_base_url={base_url}", f"eval_judge_model={model}",
             f"eval_judge_api_key_env={api_key_env or 'null'}"]
 
 
@@ -359,7 +357,9 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
     Returns:
         The run directory, the report's path, samples, stage results and timings.
     """
+    from brandcopy import evaluate
     from brandcopy.evaluate import run_eval, stage_table
+    from brandcopy.train import grpo
     from brandcopy.train.dpo import run_dpo
     from brandcopy.train.grpo import run_grpo
     from brandcopy.train.merge import run_merge
@@ -376,9 +376,9 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
         ("sft", lambda: run_sft(sft)),
         ("reward", lambda: run_reward(configs["reward"])),
         ("dpo", lambda: run_dpo(configs["dpo"])),
-        ("grpo", lambda: run_grpo(configs["grpo"])),
+        ("grpo", lambda: judged(run_grpo, configs["grpo"], grpo.judge_endpoint)),
         ("merged", lambda: run_merge(configs["merged"])),
-        ("eval", lambda: run_eval(configs["eval"])),
+        ("eval", lambda: judged(run_eval, configs["eval"], evaluate.judge_endpoint)),
     ]
     for number, (name, step) in enumerate(steps, start=1):
         print(f"\n=== [{number}/{len(steps)}] {name} ===", flush=True)
@@ -391,6 +391,22 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
     results = json.loads((configs["eval"].out_dir / "results.json").read_text(encoding="utf-8"))
     result.changes = "What each stage changed (greedy, val split):\n" + stage_table(results["stages"])
     return result
+
+
+def judged(run, cfg, judge_endpoint):
+    """``run(cfg, judge=...)`` with the stage's judge endpoint, served by the scripted server for the
+    whole stage when the preset's judge is ``scripted`` (``mockserver.endpoint``).
+
+    Args:
+        run: A judged stage's entry point (``run_grpo``, ``run_eval``).
+        cfg: Its config.
+        judge_endpoint: The stage's ``judge_endpoint(cfg) -> LLMConfig``.
+    """
+    from brandcopy.brand import load_brand
+    from brandcopy.mockserver import endpoint
+
+    with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+        return run(cfg, judge=judge)
 
 
 def _demo_data(cfg, base_url: str, api_model: str, api_key_env: str) -> dict:

@@ -15,7 +15,6 @@ A report that lacks something (judge off or failed, judgements that failed to pa
 compare with) starts with a PARTIAL line saying what is missing.
 """
 
-import contextlib
 import gc
 import json
 import logging
@@ -35,29 +34,26 @@ from brandcopy.ifeval import regressions, run_ifeval
 from brandcopy.judge import (
     DIMENSION_NAMES,
     DIMENSIONS,
-    MOCK_JUDGE_MODEL,
     BestOfVerdict,
     JudgeItem,
     SingleScore,
     best_counts,
     dimension_means,
     failure_counts,
-    heuristic_judge_responder,
     judge_best_of,
     judge_config,
     judge_single,
     mean_scores,
     position_bias,
 )
-from brandcopy.llm import LLMClient, LLMConfigError, LLMError
+from brandcopy.llm import LLMClient, LLMConfig, LLMConfigError, LLMError
 from brandcopy.metrics import Sample, completion_loss, offline_metrics, preference_accuracy
-from brandcopy.mockserver import ScriptedServer
 from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
 from brandcopy.prompts import chat_messages
 from brandcopy.rewards import cta_reward, fact_reward, format_reward, lint_reward
 from brandcopy.run import DATA_KINDS, data_file, is_complete, read_jsonl, require_stage, write_manifest
 
-__all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate"]
+__all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate", "judge_endpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -325,30 +321,22 @@ def judge_items(results: EvalResults) -> list[JudgeItem]:
     ]
 
 
-@contextlib.contextmanager
-def judge_endpoint(cfg: EvalStageConfig, brand):
-    """Yields the judge's ``LLMConfig``: the configured API, or a local scripted heuristic judge."""
-    cache = str(Path(cfg.output_root) / "llm-cache")
-    if not cfg.eval_judge_mock:
-        yield judge_config(cfg.eval_judge_model, cfg.eval_judge_base_url, cfg.eval_judge_api_key_env,
-                           cfg.eval_judge_concurrency, cache)
-        return
-    with ScriptedServer(responder=heuristic_judge_responder(brand)) as server:
-        yield judge_config(MOCK_JUDGE_MODEL, server.url, None, cfg.eval_judge_concurrency, cache)
+def judge_endpoint(cfg: EvalStageConfig) -> LLMConfig:
+    """The judge's endpoint from the ``eval_judge_*`` keys; answers are cached in ``<output_root>/llm-cache``."""
+    return judge_config(cfg.eval_judge_model, cfg.eval_judge_base_url, cfg.eval_judge_api_key_env,
+                        cfg.eval_judge_concurrency, str(Path(cfg.output_root) / "llm-cache"))
 
 
-def run_judge(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
+def run_judge(cfg: EvalStageConfig, brand, results: EvalResults, judge: LLMConfig) -> None:
     """Single-answer scores for golden and every model, and best-of-3 for every fine-tuned model."""
     items = judge_items(results)
     tuned = [name for name in results.models if name != "base"]
-    with judge_endpoint(cfg, brand) as config:
-        mock = " (scripted heuristic judge, not an LLM)" if cfg.eval_judge_mock else ""
-        results.judge = f"{config.model} at {config.base_url}{mock}"
-        client = LLMClient(config)
-        results.scores = judge_single(client, brand, items, ["golden", *results.models], cfg.out_dir / "judge")
-        if "base" in results.models:
-            for name in tuned:
-                results.verdicts[name] = judge_best_of(client, brand, items, name, cfg.out_dir / "judge", cfg.seed)
+    results.judge = f"{judge.model} at {judge.base_url}"
+    client = LLMClient(judge)
+    results.scores = judge_single(client, brand, items, ["golden", *results.models], cfg.out_dir / "judge")
+    if "base" in results.models:
+        for name in tuned:
+            results.verdicts[name] = judge_best_of(client, brand, items, name, cfg.out_dir / "judge", cfg.seed)
 
 
 def missing_parts(cfg: EvalStageConfig, results: EvalResults) -> list[str]:
@@ -583,7 +571,7 @@ def render_side_by_side(cfg: EvalStageConfig, results: EvalResults, brand, start
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def run_eval(cfg: EvalStageConfig) -> Path:
+def run_eval(cfg: EvalStageConfig, judge: LLMConfig | None = None) -> Path:
     """Evaluate the run's models on the val split and write ``<run>/eval``.
 
     Steps: resolve the models (fails before loading anything when a requested stage is missing),
@@ -596,6 +584,7 @@ def run_eval(cfg: EvalStageConfig) -> Path:
 
     Args:
         cfg: The stage config.
+        judge: The judge's endpoint; None: the ``eval_judge_*`` keys (``judge_endpoint``).
 
     Returns:
         The stage folder ``<run>/eval``.
@@ -620,7 +609,7 @@ def run_eval(cfg: EvalStageConfig) -> Path:
     score_rewards(cfg, results)
     if cfg.eval_judge:
         try:
-            run_judge(cfg, brand, results)
+            run_judge(cfg, brand, results, judge or judge_endpoint(cfg))
         except (LLMError, LLMConfigError) as err:
             results.missing.append(f"the LLM judge did not finish: {err}")
     results.missing = missing_parts(cfg, results)

@@ -34,7 +34,7 @@ SMALL_RUN = {
     "sft_max_steps": 8, "reward_max_steps": 6, "dpo_max_steps": 6, "grpo_max_steps": 4,
     "save_steps": 1000, "logging_steps": 1, "merge_from": "grpo", "merge_gguf": "",
     "eval_models": [], "eval_max_samples": 8, "eval_max_new_tokens": 256, "eval_sampled": False,
-    "eval_judge": True, "eval_judge_mock": True, "eval_ifeval_max_samples": 8, "grpo_reward_weights": {
+    "eval_judge": True, "eval_judge_base_url": "scripted", "eval_judge_model": "heuristic-judge", "eval_ifeval_max_samples": 8, "grpo_reward_weights": {
         "lint": 1.0, "fact": 1.0, "format": 1.0, "cta": 0.5, "reward_model": 0.5, "judge": 0.0},
 }
 STAGES = ("data", "sft", "reward", "dpo", "grpo", "merged", "eval", "chat")
@@ -169,7 +169,8 @@ def _stage_steps(preset: Path, backend: str) -> dict:
     from brandcopy.brand import load_brand
     from brandcopy.chat import CHAT_PARAMS, load_chat_model, stream_reply
     from brandcopy.config import DPOStageConfig, MergeStageConfig, RewardStageConfig, SFTStageConfig
-    from brandcopy.demo import build_data, llm_endpoint, stage_config
+    from brandcopy import evaluate
+    from brandcopy.demo import build_data, judged, llm_endpoint, stage_config
     from brandcopy.evaluate import run_eval
     from brandcopy.prompts import chat_messages
     from brandcopy.train.dpo import run_dpo
@@ -200,7 +201,7 @@ def _stage_steps(preset: Path, backend: str) -> dict:
         "dpo": lambda: run_dpo(stage_config(DPOStageConfig, preset)),
         "grpo": lambda: run_grpo(stage_config(GRPOStageConfig, preset)),
         "merged": lambda: run_merge(stage_config(MergeStageConfig, preset)),
-        "eval": lambda: run_eval(stage_config(EvalStageConfig, preset)),
+        "eval": lambda: judged(run_eval, stage_config(EvalStageConfig, preset), evaluate.judge_endpoint),
         "chat": chat,
     }
 

@@ -23,14 +23,12 @@ Layout under the data folder (every step resumable, every LLM answer cached by `
     llamafactory/dpo_onpolicy_<split>.jsonl         LLaMA-Factory pairs (+ dataset_info.json entry)
 """
 
-import contextlib
 import gc
 import hashlib
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,11 +39,10 @@ from brandcopy.judge import SYSTEM_PROMPT, JudgeParseError, _rubric, fact_sheet,
 from brandcopy.lint import lint_text
 from brandcopy.llm import JsonlAppender, LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
 from brandcopy.metrics import rouge_l
-from brandcopy.mockserver import ScriptedServer, improve_responder
 
 logger = logging.getLogger(__name__)
 
-IMPROVE_TASK = "评审并改进"  # first line of every improve prompt (the scripted server keys on it)
+IMPROVE_TASK = "评审并改进"  # first line of every improve prompt (mockserver's scripted judge keys on it)
 VERDICTS = ("good", "bad")
 IMPROVE_PARAMS = {"temperature": 0.0, "max_tokens": 2048}  # deterministic; room for a full long-form copy
 SAMPLE_PARAMS = GenerationParams("onpolicy", max_new_tokens=768, do_sample=True, temperature=1.0, top_p=0.95, seed=0)
@@ -338,18 +335,6 @@ def improve(client: LLMClient, brand, samples: list[dict], data_dir: str | Path,
 
 
 # --- the command ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def improve_endpoint(brand, base_url: str = "", model: str = "deepseek-chat", api_key_env: str | None = "DEEPSEEK_API_KEY",
-                     concurrency: int = 16, cache_dir: str | Path = "outputs/llm-cache") -> Iterator[LLMConfig]:
-    """Yields the judge's ``LLMConfig``: the given endpoint, or the scripted improve judge when ``base_url`` is empty."""
-    if base_url:
-        yield LLMConfig(model=model, base_url=base_url, api_key_env=api_key_env or None, concurrency=concurrency,
-                        cache_dir=str(cache_dir))
-        return
-    with ScriptedServer(responder=improve_responder(brand)) as server:
-        yield LLMConfig(model="mock-improve", base_url=server.url, api_key_env=None, concurrency=concurrency, cache_dir=None)
 
 
 def run_improve(cfg, llm_config: LLMConfig, stage: str = "sft", k: int = 2, split: str = "train", content_types=None,

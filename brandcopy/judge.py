@@ -24,9 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from brandcopy.lint import lint_text
 from brandcopy.llm import LLMClient, LLMConfig, Request, read_jsonl_records, run_requests
-from brandcopy.metrics import CTA_KIND, FACT_KINDS
 from brandcopy.prompts import product_facts
 
 DIMENSIONS = ("tone", "accuracy", "structure", "persuasion", "instruction")
@@ -66,7 +64,6 @@ FAMILY_RUBRICS = {
 LABEL_POOL = "ABCDEFGHJKMNPQRSTUVWXYZ"
 FULL_WIDTH = str.maketrans({"｛": "{", "｝": "}", "：": ":", "，": ",", "“": '"', "”": '"', "＂": '"', "［": "[", "］": "]"})
 JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 512}
-MOCK_JUDGE_MODEL = "heuristic-judge"  # model name of the local scripted judge (``heuristic_judge_responder``)
 SYSTEM_PROMPT = "你是一位严格、公正的品牌文案评审专家。你只依据给定的评分标准和产品资料评审，只输出一个 JSON 对象，不输出任何其他内容。"
 
 
@@ -302,7 +299,7 @@ def judge_config(model: str, base_url: str, api_key_env: str | None, concurrency
     """The judge's client config: deterministic (temperature 0) with the judge's answer budget.
 
     Args:
-        model: Judge model name (``MOCK_JUDGE_MODEL`` for the scripted heuristic judge).
+        model: Judge model name.
         base_url: OpenAI-compatible endpoint.
         api_key_env: NAME of the key's environment variable; None for a local server.
         concurrency: Requests in flight.
@@ -488,91 +485,3 @@ def failure_counts(scores: list[SingleScore], verdicts: list[BestOfVerdict]) -> 
         "best_of_rounds_failed": len(rounds),
         "best_of_rounds_unparseable": sum(e.startswith("unparseable") for e in rounds),
     }
-
-
-# --- a judge that needs no API (tests, demo) -----------------------------------------------------
-
-_SINGLE_TEXT = re.compile(r"【待评文案】\n(.*?)\n【待评文案结束】", re.S)
-_CANDIDATE = re.compile(r"【候选 ([A-Z])】\n(.*?)\n【候选 \1 结束】", re.S)
-_PRODUCT_ID = re.compile(r"^产品编号：(\S+)$", re.M)
-_CONTENT_TYPE = re.compile(r"^内容类型：([a-z_]+)（", re.M)
-
-
-@dataclass
-class JudgePrompt:
-    """What a judge prompt asks about, read back from its text (for scripted judges).
-
-    Attributes:
-        product_id: Product the copies are about.
-        content_type: Their content type.
-        candidates: ``(label, text)`` of the best-of candidates in the order shown, or a single
-            ``("", text)`` for a single-answer prompt.
-    """
-
-    product_id: str
-    content_type: str
-    candidates: list[tuple[str, str]]
-
-    @property
-    def is_best_of(self) -> bool:
-        return self.candidates[0][0] != ""
-
-
-def read_judge_prompt(messages: list[dict]) -> JudgePrompt:
-    """Parse a prompt built by ``single_messages`` or ``best_of_messages``.
-
-    Raises:
-        ValueError: The messages are not a judge prompt.
-    """
-    user = messages[-1]["content"]
-    product, content_type = _PRODUCT_ID.search(user), _CONTENT_TYPE.search(user)
-    single, candidates = _SINGLE_TEXT.search(user), _CANDIDATE.findall(user)
-    if not product or not content_type or not (single or candidates):
-        raise ValueError(f"not a judge prompt: {user[:120]!r}")
-    found = [("", single.group(1))] if single else candidates
-    return JudgePrompt(product.group(1), content_type.group(1), found)
-
-
-def heuristic_scores(brand, text: str, content_type: str, product_id: str) -> dict[str, int]:
-    """Deterministic 1-5 scores from the shared grader: lint score, fact check, CTA.
-
-    A stand-in judge for the demo and tests, not a quality measure: it sees only what lint sees.
-    """
-    if not text.strip():
-        return dict.fromkeys(DIMENSIONS, 1)
-    result = lint_text(brand, text, content_type, product_id)
-    kinds = {violation.kind for violation in result.violations}
-    overall = 1 + round(4 * result.score)
-    return {
-        "tone": overall,
-        "accuracy": 2 if kinds & FACT_KINDS else 5,
-        "structure": overall,
-        "persuasion": 2 if CTA_KIND in kinds else overall,
-        "instruction": overall,
-    }
-
-
-def heuristic_judge_responder(brand):
-    """A ``ScriptedServer`` responder that judges with ``heuristic_scores``.
-
-    Best-of answers pick the highest total score, ties broken by a hash of the text, so the
-    verdict does not depend on position or label and the two rounds agree.
-
-    Returns:
-        ``responder(request_body) -> answer text`` (strict JSON, as the prompts ask).
-    """
-
-    def respond(body: dict) -> str:
-        prompt = read_judge_prompt(body["messages"])
-        if not prompt.is_best_of:
-            scores = heuristic_scores(brand, prompt.candidates[0][1], prompt.content_type, prompt.product_id)
-            return json.dumps({**scores, "reason": "按规则检查打分"}, ensure_ascii=False)
-
-        def rank(candidate: tuple[str, str]) -> tuple[int, str]:
-            total = sum(heuristic_scores(brand, candidate[1], prompt.content_type, prompt.product_id).values())
-            return total, hashlib.sha256(candidate[1].encode("utf-8")).hexdigest()
-
-        label, _ = max(prompt.candidates, key=rank)
-        return json.dumps({"best": label, "reason": "规则检查得分最高"}, ensure_ascii=False)
-
-    return respond

@@ -82,13 +82,12 @@ class LLMConfig:
         api_key_env: NAME of the environment variable holding the key; None for a local server
             that needs no key. The key is never stored here.
         concurrency: Requests in flight at once.
-        timeout: Seconds one attempt may take, streaming included.
+        timeout: Seconds one attempt may take.
         max_retries: Retries after the first attempt for transient faults.
         backoff_base: First backoff ceiling in seconds; doubles per retry (full jitter).
         backoff_cap: Largest backoff ceiling in seconds.
         temperature: Default sampling temperature (a request's params override it).
         max_tokens: Default answer budget in tokens (a request's params override it).
-        stream: Use ``stream=True`` (SSE) and assemble the chunks.
         cache_dir: Directory of the on-disk response cache; None disables it.
         breaker_errors: Connection failures in a row (no answer in between) before the run stops.
         breaker_seconds: How long the endpoint must have been unreachable before the run stops.
@@ -109,7 +108,6 @@ class LLMConfig:
     backoff_cap: float = 60.0
     temperature: float = 0.8
     max_tokens: int = 1024
-    stream: bool = False
     cache_dir: str | None = "outputs/llm-cache"
     price_input_per_m: float = 0.28
     price_cached_input_per_m: float = 0.028
@@ -211,6 +209,9 @@ class LLMClient:
     """
 
     def __init__(self, config: LLMConfig):
+        if not config.base_url.startswith(("http://", "https://")):
+            raise LLMConfigError(f"base_url {config.base_url!r} is not an http(s) URL (a preset's 'scripted' is served by "
+                                 "the CLI, the demo and the notebooks: pass the LLMConfig mockserver.endpoint yields)")
         self.config = config
         self.usage = Usage()
         self._api_key = resolve_api_key(config)
@@ -332,11 +333,9 @@ class LLMClient:
         if isinstance(exc, openai.APIStatusError):
             self.usage.failures += 1
             raise LLMError(f"{exc.status_code} refused: {exc.message}") from None
-        return _Retry(f"API error: {exc}")  # e.g. an error event inside a stream
+        return _Retry(f"API error: {exc}")
 
     async def _call(self, model: str, messages: list[dict], params: dict) -> Completion:
-        if self.config.stream:
-            return await self._call_stream(model, messages, params)
         response = await self._api.chat.completions.create(model=model, messages=messages, **params)
         if not isinstance(response, ChatCompletion):
             raise _Retry(f"malformed response: not a chat completion: {str(response)[:200]!r}")
@@ -349,28 +348,6 @@ class LLMClient:
             text,
             choice.finish_reason,
             response.model or model,
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-            cached_tokens(usage),
-        )
-
-    async def _call_stream(self, model: str, messages: list[dict], params: dict) -> Completion:
-        stream = await self._api.chat.completions.create(
-            model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params
-        )
-        parts, finish_reason, usage, saw_choice = [], None, None, False
-        async for chunk in stream:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                saw_choice = True
-                parts.append(choice.delta.content or "")
-                finish_reason = choice.finish_reason or finish_reason
-        if not saw_choice:
-            raise _Retry("malformed response: stream had no choices")
-        return _finish(
-            "".join(parts),
-            finish_reason,
-            model,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
             cached_tokens(usage),

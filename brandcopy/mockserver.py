@@ -3,29 +3,38 @@
 It speaks ``POST /v1/chat/completions`` (plain JSON and ``stream=True`` server-sent events) and
 ``GET /v1/models``, listens on 127.0.0.1 (an ephemeral port by default) in a background thread,
 and answers each request from a script (a list of answers, replayed in order) or a responder
-function of the request body. Tests use it to inject faults; the demo and the notebooks use it,
-with ``datagen.golden_responder``, when no real endpoint is configured.
+function of the request body. Tests use it to inject faults; the demo, the CLI and the notebooks
+use it, with ``scripted_responder``, when no real endpoint is configured.
+
+Every test double of the project lives here: the server, the scripted answers to datagen,
+improve and judge prompts (``scripted_responder``, ``improve_responder``, ``judge_responder``)
+and ``endpoint``, the one place that reads the ``scripted`` base URL. Production modules receive
+an ``LLMConfig`` and never import this module.
 
 Faults are drawn per request and per attempt from a seeded RNG keyed by the request body, so the
 same requests get the same faults whatever order they arrive in.
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import json
 import random
+import re
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from brandcopy.llm import PrefixIndex
+from brandcopy.llm import LLMConfig, PrefixIndex
 
+SCRIPTED = "scripted"  # a preset's base_url that asks the wiring for the scripted server (read only by ``endpoint``)
 FAULT_KINDS = ("rate_limit", "server_error", "slow", "timeout", "malformed", "length", "empty")
 
 Responder = Callable[[dict], str]
@@ -288,7 +297,27 @@ def serve(server: ScriptedServer) -> None:
         server.stop()
 
 
-def improve_responder(brand):
+# --- scripted answers for the demo, the CLI and the notebooks (no API) ------------------------------
+
+
+@contextmanager
+def endpoint(config: LLMConfig, brand) -> Iterator[LLMConfig]:
+    """Yields ``config`` unchanged, or, when its ``base_url`` is ``scripted``, the same config pointed at
+    a scripted server answering for ``brand`` (``scripted_responder``) while the block runs.
+
+    The one place a stage's endpoint may become the scripted server: the CLI, the demo and the
+    notebooks wrap a stage in it, e.g.
+    ``with endpoint(evaluate.judge_endpoint(cfg), brand) as judge: run_eval(cfg, judge)``.
+    The scripted server needs no key and its answers are not cached.
+    """
+    if config.base_url != SCRIPTED:
+        yield config
+        return
+    with ScriptedServer(responder=scripted_responder(brand)) as server:
+        yield dataclasses.replace(config, base_url=server.url, api_key_env=None, cache_dir=None)
+
+
+def improve_responder(brand) -> Responder:
     """A responder for ``improve.improve_messages``: the judge-and-improve step without an API.
 
     A sample that lint finds clean is judged good. Any other is judged bad, and the improved text
@@ -314,5 +343,175 @@ def improve_responder(brand):
         improved = golden.get((product_id, content_type), "（示例服务器没有这类范文）")
         reasons = [p.split("（")[0] for p in problems[:3]]
         return json.dumps({"verdict": "bad", "reasons": reasons, "improved": improved}, ensure_ascii=False)
+
+    return respond
+
+
+# Openers of a scripted persona rewrite: a first-person voice and a small story, facts untouched.
+PERSONA_OPENERS = (
+    "我最近一直在用{name}，说说我自己的真实感受。\n",
+    "前阵子有位读者问我{name}到底怎么样，我认真用了一段时间，今天来回答她。\n",
+    "我身边好几个朋友都在问{name}，我先自己试了一阵子。\n",
+)
+PERSONA_SHARE = 0.5  # share of persona rewrite requests the scripted server rewrites; the rest come back unchanged
+
+
+def persona_rewrite(brand, product_id: str, content_type: str, text: str, rng: random.Random) -> str:
+    """A first-person opener put in front of ``text``, or ``text`` unchanged when every opener would
+    add a lint violation (the text is already at its length limit) or the draw skips it.
+
+    The cleaning stage's persona pass thus sees both answers on CPU: accepted rewrites (about
+    ``PERSONA_SHARE`` of them) and unchanged texts that fail its check.
+    """
+    from brandcopy.lint import lint_text  # imported here: mockserver stays free of the library otherwise
+
+    if rng.random() >= PERSONA_SHARE:
+        return text
+    before = lint_text(brand, text, content_type, product_id).kinds()
+    name = brand.product(product_id).name
+    for opener in rng.sample(PERSONA_OPENERS, len(PERSONA_OPENERS)):
+        rewritten = opener.format(name=name) + text
+        if lint_text(brand, rewritten, content_type, product_id).kinds() <= before:
+            return rewritten
+    return text
+
+
+def scripted_responder(brand, seed: int = 0) -> Responder:
+    """A ``ScriptedServer`` responder that answers every prompt of the pipeline with realistic brand copy.
+
+    Generation and cleaning prompts get the golden copy of their (product, content type); a pair
+    the golden set lacks gets a one-line note that lint rejects (too short), so it ends in the
+    failures file instead of passing another product's copy off as this one's. Persona rewrites get
+    a first-person opener in front of the original for a seeded share of requests
+    (``persona_rewrite``), the original unchanged otherwise. Exaggerated and fake negative prompts
+    get the offline negative of the quoted text; the weak prompt gets a bland one-liner;
+    judge-and-improve prompts get ``improve_responder``'s answer; judge prompts get
+    ``judge_responder``'s; anything else gets the last user message echoed.
+    """
+    from brandcopy import prompts  # imported here: mockserver stays free of the library otherwise
+    from brandcopy.brand import load_golden
+    from brandcopy.datagen import alter_fact, foreign_materials, insert_banned, swap_material
+    from brandcopy.improve import IMPROVE_TASK
+
+    by_pair = {(r["product_id"], r["content_type"]): r["text"] for r in load_golden(brand)}
+    names = {p.name: p for p in brand.products.values()}
+    improve, judge = improve_responder(brand), judge_responder(brand)
+    persona_task = prompts.CLEAN_PASSES["persona"][0]
+
+    def respond(body: dict) -> str:
+        users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+        header = re.search(r"任务：(\S+)\n产品编号：(\S+)\n文案类型：(\S+)", users[0])
+        if header is None:
+            if _JUDGE_PROMPT.search(users[-1]):
+                return judge(body)
+            weak = re.match(r"写一段「(.+)」的", users[-1])
+            return f"这款{names[weak.group(1)].name}挺好用的，推荐试试。" if weak else "收到：" + users[-1]
+        task, product_id, content_type = header.groups()
+        if task == IMPROVE_TASK:
+            return improve(body)
+        source = re.search(r"【原文】\n(.*)\n【原文结束】", users[0], re.S)
+        rng = random.Random(f"{seed}:{users[-1]}")
+        sample = {"product_id": product_id, "content_type": content_type, "text": source.group(1) if source else ""}
+        if task == persona_task:
+            return persona_rewrite(brand, product_id, content_type, sample["text"], rng)
+        if task == prompts.EXAGGERATED:
+            return insert_banned(brand, sample, rng)
+        if task == prompts.FAKE:
+            foreign = foreign_materials(brand, brand.product(product_id))
+            fallback = f"另含{foreign[0]}。" if foreign else "（示例服务器无法植入事实错误）"
+            return swap_material(brand, sample, rng) or alter_fact(brand, sample, rng) or sample["text"] + fallback
+        return by_pair.get((product_id, content_type), f"（示例服务器没有{product_id}的这类范文）")
+
+    return respond
+
+
+# --- the scripted judge: reads judge.py's prompts back and scores with lint ------------------------
+
+_JUDGE_PROMPT = re.compile(r"【待评文案】|【候选 [A-Z]】")
+_SINGLE_TEXT = re.compile(r"【待评文案】\n(.*?)\n【待评文案结束】", re.S)
+_CANDIDATE = re.compile(r"【候选 ([A-Z])】\n(.*?)\n【候选 \1 结束】", re.S)
+_PRODUCT_ID = re.compile(r"^产品编号：(\S+)$", re.M)
+_CONTENT_TYPE = re.compile(r"^内容类型：([a-z_]+)（", re.M)
+
+
+@dataclass
+class JudgePrompt:
+    """What a judge prompt asks about, read back from its text (for scripted judges).
+
+    Attributes:
+        product_id: Product the copies are about.
+        content_type: Their content type.
+        candidates: ``(label, text)`` of the best-of candidates in the order shown, or a single
+            ``("", text)`` for a single-answer prompt.
+    """
+
+    product_id: str
+    content_type: str
+    candidates: list[tuple[str, str]]
+
+    @property
+    def is_best_of(self) -> bool:
+        return self.candidates[0][0] != ""
+
+
+def read_judge_prompt(messages: list[dict]) -> JudgePrompt:
+    """Parse a prompt built by ``judge.single_messages`` or ``judge.best_of_messages``.
+
+    Raises:
+        ValueError: The messages are not a judge prompt.
+    """
+    user = messages[-1]["content"]
+    product, content_type = _PRODUCT_ID.search(user), _CONTENT_TYPE.search(user)
+    single, candidates = _SINGLE_TEXT.search(user), _CANDIDATE.findall(user)
+    if not product or not content_type or not (single or candidates):
+        raise ValueError(f"not a judge prompt: {user[:120]!r}")
+    found = [("", single.group(1))] if single else candidates
+    return JudgePrompt(product.group(1), content_type.group(1), found)
+
+
+def heuristic_scores(brand, text: str, content_type: str, product_id: str) -> dict[str, int]:
+    """Deterministic 1-5 scores from the shared grader: lint score, fact check, CTA.
+
+    A stand-in judge for the demo and tests, not a quality measure: it sees only what lint sees.
+    """
+    from brandcopy.judge import DIMENSIONS  # imported here: mockserver stays free of the library otherwise
+    from brandcopy.lint import CTA_KIND, FACT_KINDS, lint_text
+
+    if not text.strip():
+        return dict.fromkeys(DIMENSIONS, 1)
+    result = lint_text(brand, text, content_type, product_id)
+    kinds = result.kinds()
+    overall = 1 + round(4 * result.score)
+    return {
+        "tone": overall,
+        "accuracy": 2 if kinds & FACT_KINDS else 5,
+        "structure": overall,
+        "persuasion": 2 if CTA_KIND in kinds else overall,
+        "instruction": overall,
+    }
+
+
+def judge_responder(brand) -> Responder:
+    """A ``ScriptedServer`` responder that judges with ``heuristic_scores``.
+
+    Best-of answers pick the highest total score, ties broken by a hash of the text, so the
+    verdict does not depend on position or label and the two rounds agree.
+
+    Returns:
+        ``responder(request_body) -> answer text`` (strict JSON, as the prompts ask).
+    """
+
+    def respond(body: dict) -> str:
+        prompt = read_judge_prompt(body["messages"])
+        if not prompt.is_best_of:
+            scores = heuristic_scores(brand, prompt.candidates[0][1], prompt.content_type, prompt.product_id)
+            return json.dumps({**scores, "reason": "按规则检查打分"}, ensure_ascii=False)
+
+        def rank(candidate: tuple[str, str]) -> tuple[int, str]:
+            total = sum(heuristic_scores(brand, candidate[1], prompt.content_type, prompt.product_id).values())
+            return total, hashlib.sha256(candidate[1].encode("utf-8")).hexdigest()
+
+        label, _ = max(prompt.candidates, key=rank)
+        return json.dumps({"best": label, "reason": "规则检查得分最高"}, ensure_ascii=False)
 
     return respond

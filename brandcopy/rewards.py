@@ -3,20 +3,21 @@
 They grade with ``lint.lint_text``, the same grader evaluation uses, so training and evaluation
 score alike. TRL passes the dataset's columns as keyword arguments: every GRPO row carries
 ``product_id`` and ``content_type`` (from datagen) and ``brand`` (added by the GRPO stage);
-``reward_model`` (the reward stage's folder) and ``judge`` (the judge endpoint as JSON, see
-``judge_reward``) are added when those rewards are used.
+``reward_model`` (the reward stage's folder) and ``judge`` (the judge's endpoint and folder as
+JSON, ``judge_spec``) are added when those rewards are used.
 """
 
+import dataclasses
 import json
 import logging
 import math
 from functools import lru_cache
+from pathlib import Path
 
 from brandcopy.brand import load_brand
-from brandcopy.judge import MOCK_JUDGE_MODEL, JudgeItem, heuristic_judge_responder, judge_config, judge_single
+from brandcopy.judge import JudgeItem, judge_single
 from brandcopy.lint import CTA_KIND, FACT_KINDS, MARKUP_KIND, copy_length, lint_text
-from brandcopy.llm import LLMClient
-from brandcopy.mockserver import ScriptedServer
+from brandcopy.llm import LLMClient, LLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +96,16 @@ def reward_model_reward(prompts, completions, reward_model, **kwargs) -> list[fl
 JUDGE_CONCURRENCY = 8  # judge requests in flight while scoring one batch of completions
 
 
-@lru_cache(maxsize=8)
-def cached_judge(judge: str, brand: str) -> LLMClient:
-    """One judge client per endpoint (and brand) for the whole run.
+def judge_spec(judge: LLMConfig, out_dir: str | Path) -> str:
+    """The ``judge`` column: the judge's endpoint (the key variable's NAME, never the key) and the
+    folder of its answers, as JSON (dataset columns hold plain values)."""
+    return json.dumps({"config": dataclasses.asdict(judge), "out_dir": str(out_dir)}, ensure_ascii=False)
 
-    A ``mock`` endpoint starts the scripted heuristic judge of ``brand``; it serves until the
-    process exits.
-    """
-    spec = json.loads(judge)
-    if spec["mock"]:
-        server = ScriptedServer(responder=heuristic_judge_responder(cached_brand(brand))).start()
-        return LLMClient(judge_config(MOCK_JUDGE_MODEL, server.url, None, JUDGE_CONCURRENCY, spec["cache_dir"]))
-    return LLMClient(judge_config(spec["model"], spec["base_url"], spec["api_key_env"], JUDGE_CONCURRENCY,
-                                  spec["cache_dir"]))
+
+@lru_cache(maxsize=8)
+def cached_judge_client(spec: str) -> LLMClient:
+    """One judge client per ``judge_spec`` for the whole run (a missing key variable fails here)."""
+    return LLMClient(LLMConfig(**json.loads(spec)["config"]))
 
 
 def prompt_text(prompt) -> str:
@@ -119,8 +117,7 @@ def judge_reward(prompts, completions, brand, content_type, product_id, judge, l
     """The LLM judge's mean single-answer score (``judge.judge_single``, evaluation's rubric) mapped
     from 1-5 to [0, 1].
 
-    ``judge`` is a column of JSON endpoints ``{"model", "base_url", "api_key_env", "mock",
-    "cache_dir", "out_dir"}`` (the key's variable NAME, never the key). Completions are scored
+    ``judge`` is a column of ``judge_spec`` values (the endpoint and the answers' folder). Completions are scored
     without a reference copy (GRPO prompts have none). A failed judgement (request or parse)
     scores 0.0 and is counted: a warning with the count, and ``judge/failed`` through TRL's
     ``log_metric`` when given.
@@ -130,11 +127,11 @@ def judge_reward(prompts, completions, brand, content_type, product_id, judge, l
     for i, key in enumerate(zip(judge, brand)):
         groups.setdefault(key, []).append(i)
     failed = []
-    for (endpoint, brand_name), rows in groups.items():
+    for (spec, brand_name), rows in groups.items():
         items = [JudgeItem(str(i), product_id[i], content_type[i], prompt_text(prompts[i]), "",
                            {"policy": completion_text(completions[i])}) for i in rows]
-        results = judge_single(cached_judge(endpoint, brand_name), cached_brand(brand_name), items, ["policy"],
-                               json.loads(endpoint)["out_dir"])
+        results = judge_single(cached_judge_client(spec), cached_brand(brand_name), items, ["policy"],
+                               json.loads(spec)["out_dir"])
         for i, result in zip(rows, results):
             if result.scores is None:
                 failed.append(result.error)

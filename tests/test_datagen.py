@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from brandcopy import datagen, prompts
 from brandcopy.brand import load_brand, load_golden
 from brandcopy.cli import app
-from brandcopy.lint import lint_text
+from brandcopy.lint import EXAGGERATION_KINDS, FACT_KINDS, lint_text
 from brandcopy.llm import LLMClient, LLMConfig, read_jsonl_records, shared_prefix_share
-from brandcopy.mockserver import ScriptedServer
+from brandcopy.mockserver import ScriptedServer, scripted_responder
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,25 @@ def test_clean_passes_fix_their_target_without_new_violations(tmp_path, brand, g
     assert (tmp_path / "2" / "cleaned.jsonl").read_text() == ""
 
 
+def test_scripted_server_rewrites_part_of_the_flat_notes(tmp_path, brand, golden):
+    """The CPU pipeline exercises the persona pass both ways: accepted first-person rewrites and refusals."""
+    flat = [g | {"text": g["text"].replace("我们", "研究者").replace("我", "笔者")}
+            for g in golden if brand.content_type(g["content_type"]).family == "social"][:24]
+    with ScriptedServer(responder=scripted_responder(brand)) as server:
+        report = datagen.clean(client_for(server), brand, write_samples(tmp_path / "in.jsonl", flat), tmp_path)
+    rewritten = [s for s in read_jsonl_records_by_id(tmp_path / "cleaned.jsonl").values()
+                 if any(entry["pass"] == "persona" for entry in s["audit"])]
+    refused = read_jsonl_records(tmp_path / "clean" / "persona.failures.jsonl")
+    assert report["persona"].produced == len(rewritten) > 0 and refused
+    assert len(rewritten) + len(refused) == len(flat)
+    for sample in rewritten:
+        [entry] = [e for e in sample["audit"] if e["pass"] == "persona"]
+        assert entry["after"].endswith(entry["before"]) and "我" in entry["after"].removesuffix(entry["before"])
+    assert all("仍然没有第一人称" in r["reason"] for r in refused)
+
+
 def test_negatives_mix_kinds_and_lint_failures(tmp_path, brand, golden):
-    base = datagen.golden_responder(brand)
+    base = scripted_responder(brand)
 
     def responder(body):  # the "fake" rewrites come back unchanged: they must be dropped, not kept
         return source_of(body) if first_task(body) == prompts.FAKE else base(body)
@@ -177,9 +194,9 @@ def test_negatives_mix_kinds_and_lint_failures(tmp_path, brand, golden):
         found = {v.kind for v in lint_text(brand, n["text"], n["content_type"], n["product_id"]).violations}
         assert found == set(n["violations"])
         if n["family"] == "fake":
-            assert found & set(datagen.FACT_KINDS)
+            assert found & FACT_KINDS
         if n["family"] == "exaggerated":
-            assert found & set(datagen.EXAGGERATION_KINDS)
+            assert found & EXAGGERATION_KINDS
     assert report["swap_material"] > len(golden) / 2 and report["drop_cta"] > 0
 
 
@@ -222,7 +239,7 @@ def test_cli_pipeline_with_a_key_that_never_reaches_files_or_logs(tmp_path, bran
     monkeypatch.setenv("BRANDCOPY_TEST_KEY", secret)
     caplog.set_level(logging.DEBUG)
     runner = CliRunner()
-    with ScriptedServer(responder=datagen.golden_responder(brand), api_key=secret) as server:
+    with ScriptedServer(responder=scripted_responder(brand), api_key=secret) as server:
         llm = ["--model", "mock", "--base-url", server.url, "--api-key-env", "BRANDCOPY_TEST_KEY"]
         common = ["--run", "t", "--output-root", str(tmp_path / "outputs")]
         outputs = [runner.invoke(app, ["data", "generate", *common, *llm, "--content-types", "paid_ad_cta,social_media_review"])]

@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from brandcopy.brand import load_brand  # noqa: E402
 from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config  # noqa: E402
-from brandcopy.evaluate import models_to_evaluate, run_eval  # noqa: E402
-from brandcopy.judge import DIMENSIONS, read_judge_prompt  # noqa: E402
-from brandcopy.mockserver import ScriptedServer  # noqa: E402
+from brandcopy.evaluate import judge_endpoint, models_to_evaluate, run_eval  # noqa: E402
+from brandcopy.judge import DIMENSIONS  # noqa: E402
+from brandcopy.mockserver import ScriptedServer, endpoint, read_judge_prompt  # noqa: E402
 from brandcopy.modeling import LoraSettings, fix_special_tokens, load_model  # noqa: E402
 from brandcopy.prompts import build_instruction  # noqa: E402
 from brandcopy.run import StageInputError  # noqa: E402
@@ -146,11 +146,19 @@ def test_judge_without_its_key_leaves_a_partial_report(run_root, brand_dir, tiny
 
 
 def test_heuristic_judge_runs_without_any_api(run_root, brand_dir, tiny_model_dir):
-    out = run_eval(_cfg(run_root, brand_dir, tiny_model_dir, "eval_judge_mock=true"))
+    cfg = _cfg(run_root, brand_dir, tiny_model_dir, "eval_judge_base_url=scripted", "eval_judge_model=heuristic-judge")
+    with endpoint(judge_endpoint(cfg), load_brand(brand_dir)) as judge:
+        out = run_eval(cfg, judge)
     results = json.loads((out / "results.json").read_text())
     assert results["partial"] == [] and "heuristic" in results["judge"]
     assert sum(results["best_counts"]["sft"]["overall"].values()) == 4
     assert results["judge_failures"]["single_failed"] == results["judge_failures"]["best_of_rounds_failed"] == 0
+
+
+def test_a_scripted_judge_nobody_started_leaves_a_partial_report(run_root, brand_dir, tiny_model_dir):
+    out = run_eval(_cfg(run_root, brand_dir, tiny_model_dir, "eval_judge_base_url=scripted", "eval_models=[base]"))
+    report = (out / "report.md").read_text()
+    assert "> **PARTIAL**" in report and "base_url 'scripted' is not an http(s) URL" in report
 
 
 def test_missing_stage_is_a_clear_error_before_loading(run_root, brand_dir, tiny_model_dir):

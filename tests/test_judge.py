@@ -12,7 +12,6 @@ from brandcopy.judge import (
     best_counts,
     best_of_layouts,
     failure_counts,
-    heuristic_judge_responder,
     judge_best_of,
     judge_single,
     mean_scores,
@@ -20,11 +19,10 @@ from brandcopy.judge import (
     parse_json_object,
     parse_scores,
     position_bias,
-    read_judge_prompt,
     single_messages,
 )
 from brandcopy.llm import LLMClient, LLMConfig
-from brandcopy.mockserver import ScriptedServer
+from brandcopy.mockserver import ScriptedServer, judge_responder, read_judge_prompt
 from brandcopy.prompts import build_instruction
 
 SCORES = {"tone": 4, "accuracy": 5, "structure": 3, "persuasion": 4, "instruction": 4}
@@ -163,9 +161,10 @@ def test_consistent_judge_wins_whatever_the_order(brand, items, tmp_path):
         again = judge_best_of(_client(server, tmp_path), brand, items, "sft", tmp_path / "judge2", seed=0)
         assert server.stats["requests"] == calls  # a rerun is answered from the cache
     assert [v.verdict for v in verdicts] == ["sft"] * 3 == [v.verdict for v in again]
-    expected = [sum(v.orders[r][0] == "sft" for v in verdicts) / 3 for r in (0, 1)]
+    # seed 0 shows first: g0 sft then base, g1 sft then golden, g2 golden then sft
+    assert [[order[0] for order in v.orders] for v in verdicts] == [["sft", "base"], ["sft", "golden"], ["golden", "sft"]]
     bias = position_bias(verdicts)
-    assert [bias["first_won_original"], bias["first_won_swapped"]] == pytest.approx(expected)
+    assert [bias["first_won_original"], bias["first_won_swapped"]] == pytest.approx([2 / 3, 1 / 3])
     assert bias["agreement"] == 1.0
 
 
@@ -181,8 +180,9 @@ def test_garbage_rounds_are_failures_not_verdicts(brand, items, tmp_path):
     shown_first = [[order[0] for order in v.orders] for v in verdicts]
     for verdict, firsts in zip(verdicts, shown_first):
         assert verdict.verdict == ("failed" if "golden" in firsts else "base")
+    assert [v.verdict for v in verdicts] == ["base", "failed", "failed"]  # golden shown first in g1's and g2's rounds
     failures = failure_counts([], verdicts)
-    assert failures["best_of_rounds_unparseable"] == sum(firsts.count("golden") for firsts in shown_first) > 0
+    assert failures["best_of_rounds_unparseable"] == sum(firsts.count("golden") for firsts in shown_first) == 2
 
 
 def test_failed_requests_are_counted(brand, items, tmp_path):
@@ -194,7 +194,7 @@ def test_failed_requests_are_counted(brand, items, tmp_path):
 def test_heuristic_responder_prefers_clean_copy_and_is_order_free(brand, items, tmp_path):
     clean, bad = items[0].golden, "神器！！！家人们闭眼入，100%有效，一夜回春！"
     item = JudgeItem("h0", items[0].product_id, "paid_ad_pas", items[0].instruction, clean, {"sft": bad, "base": ""})
-    with ScriptedServer(responder=heuristic_judge_responder(brand)) as server:
+    with ScriptedServer(responder=judge_responder(brand)) as server:
         client = _client(server, tmp_path)
         verdicts = judge_best_of(client, brand, [item], "sft", tmp_path / "judge", seed=0)
         scores = judge_single(client, brand, [item], ["golden", "sft", "base"], tmp_path / "judge")

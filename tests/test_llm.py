@@ -52,12 +52,12 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in raw.splitlines()]
 
 
-@pytest.mark.parametrize(("stream", "n"), [(False, 1000), (True, 300)])
-def test_thousand_requests_with_thirty_percent_faults(tmp_path, stream, n):
+def test_thousand_requests_with_thirty_percent_faults(tmp_path):
+    n = 1000
     faults = Faults(rate=0.3, timeout_seconds=1.5, slow_seconds=0.05, retry_after=0.02)
     with ScriptedServer(faults=faults, seed=3) as server:
         summary = run_requests(
-            LLMClient(fast_config(server, stream=stream, timeout=0.5)), echo_requests(n),
+            LLMClient(fast_config(server, timeout=0.5)), echo_requests(n),
             tmp_path / "out.jsonl", tmp_path / "failures.jsonl",
         )
         injected = sum(count for kind, count in server.stats.items() if kind not in ("requests", "answered", "slow"))
@@ -311,7 +311,7 @@ def test_sigkill_at_five_random_points_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_transformers_serve_plain_and_streamed(tmp_path, tiny_model_dir):
+def test_transformers_serve(tmp_path, tiny_model_dir):
     """The real protocol: ``transformers serve`` on the tiny model, which must be named by its exact path."""
     from transformers import AutoTokenizer
 
@@ -327,13 +327,11 @@ def test_transformers_serve_plain_and_streamed(tmp_path, tiny_model_dir):
         # A random tiny model rarely ends a turn: bias one token and stop on it, so the answer is known.
         params = {"max_tokens": 20, "logit_bias": {str(hao): 100.0}, "stop": ["好好好"]}
         requests = [Request("a", [{"role": "user", "content": "你好"}], params), Request("b", [{"role": "user", "content": "早上好"}], params)]
-        for stream in (False, True):
-            run_requests(LLMClient(LLMConfig(**vars(config) | {"stream": stream})), requests,
-                         tmp_path / f"o{stream}.jsonl", tmp_path / f"f{stream}.jsonl")
-            records = lines(tmp_path / f"o{stream}.jsonl")
-            assert sorted(r["key"] for r in records) == ["a", "b"]
-            assert all(r["text"] == "好好好" and r["finish_reason"] == "stop" for r in records)
-            assert all(r["completion_tokens"] == 3 for r in records)
+        run_requests(LLMClient(config), requests, tmp_path / "o.jsonl", tmp_path / "f.jsonl")
+        records = lines(tmp_path / "o.jsonl")
+        assert sorted(r["key"] for r in records) == ["a", "b"]
+        assert all(r["text"] == "好好好" and r["finish_reason"] == "stop" for r in records)
+        assert all(r["completion_tokens"] == 3 for r in records)
         wrong_model = LLMConfig(**vars(config) | {"model": str(tmp_path / "other")})
         summary = run_requests(LLMClient(wrong_model), requests, tmp_path / "w.jsonl", tmp_path / "wf.jsonl")
         assert summary.failed == 2 and all("400 refused" in r["reason"] for r in lines(tmp_path / "wf.jsonl"))

@@ -7,7 +7,8 @@ import pytest
 from train_data import bad_copy, good_copy, products
 
 from brandcopy.brand import load_brand, load_golden
-from brandcopy.mockserver import ScriptedServer
+from brandcopy.judge import judge_config
+from brandcopy.mockserver import SCRIPTED, ScriptedServer, endpoint
 from brandcopy.rewards import (
     REWARD_FUNCTIONS,
     completion_text,
@@ -15,6 +16,7 @@ from brandcopy.rewards import (
     fact_reward,
     format_reward,
     judge_reward,
+    judge_spec,
     length_score,
     lint_reward,
 )
@@ -69,9 +71,8 @@ def test_completion_text_reads_plain_and_conversational():
     assert completion_text([{"role": "assistant", "content": "文案"}]) == "文案"
 
 
-def _judge_column(tmp_path, mock: bool, base_url: str = "") -> str:
-    return json.dumps({"model": "mock-judge", "base_url": base_url, "api_key_env": None, "mock": mock,
-                       "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "judge")})
+def _judge_column(tmp_path, base_url: str) -> str:
+    return judge_spec(judge_config("mock-judge", base_url, None, 8, str(tmp_path / "cache")), tmp_path / "judge")
 
 
 def _judge_score(tmp_path, record: dict, texts: list[str], judge: str) -> list[float]:
@@ -86,7 +87,8 @@ def test_judge_reward_prefers_golden_copy_over_copy_with_banned_words(tmp_path):
     brand = load_brand("yuansu")
     record = load_golden(brand)[0]
     corrupted = "".join(brand.banned_words[:3]) + record["text"] + brand.banned_words[0]
-    golden, bad = _judge_score(tmp_path, record, [record["text"], corrupted], _judge_column(tmp_path, mock=True))
+    with endpoint(judge_config("heuristic-judge", SCRIPTED, None, 8, str(tmp_path / "cache")), brand) as judge:
+        golden, bad = _judge_score(tmp_path, record, [record["text"], corrupted], judge_spec(judge, tmp_path / "judge"))
     assert 0.0 <= bad < golden <= 1.0
     assert golden > 0.5
 
@@ -95,7 +97,7 @@ def test_judge_reward_counts_unparseable_answers_as_zero(tmp_path, caplog):
     record = load_golden(load_brand("yuansu"))[0]
     with ScriptedServer(responder=lambda body: "抱歉，我无法评分。") as server:
         with caplog.at_level(logging.WARNING, logger="brandcopy.rewards"):
-            rewards = _judge_score(tmp_path, record, [record["text"], "另一篇"], _judge_column(tmp_path, False, server.url))
+            rewards = _judge_score(tmp_path, record, [record["text"], "另一篇"], _judge_column(tmp_path, server.url))
     assert rewards == [0.0, 0.0]
     assert "2 of 2 judgements failed" in caplog.text
     assert "unparseable" in caplog.text

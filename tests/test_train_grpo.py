@@ -45,7 +45,27 @@ def test_judge_reward_without_its_key_fails_before_training(tmp_path, monkeypatc
     write_jsonl(tmp_path / "grpo_train.jsonl", [grpo_row(p, "paid_ad_cta") for p in products(2)])
     cfg = load_stage_config(GRPOStageConfig, PRESET, [
         f"output_root={tmp_path}", f"data_dir={tmp_path}", "grpo_reward_weights={judge: 1.0}",
-        "grpo_judge_mock=false", "grpo_judge_api_key_env=BRANDCOPY_TEST_MISSING_KEY"])
+        "grpo_judge_base_url=https://api.deepseek.com", "grpo_judge_api_key_env=BRANDCOPY_TEST_MISSING_KEY"])
     with pytest.raises(LLMConfigError, match="BRANDCOPY_TEST_MISSING_KEY"):
         run_grpo(cfg)
     assert not (tmp_path / cfg.run / "grpo").exists()  # nothing was started
+
+
+def test_judge_reward_reads_the_endpoint_it_is_given(tmp_path):
+    """The preset's ``scripted`` judge is the wiring's to start: unstarted it fails before training; the
+    endpoint passed in (what ``mockserver.endpoint`` yields) is the one the judge column carries."""
+    from brandcopy.brand import load_brand
+    from brandcopy.mockserver import endpoint
+    from brandcopy.train.grpo import grpo_dataset, judge_endpoint
+
+    write_jsonl(tmp_path / "grpo_train.jsonl", [grpo_row(p, "paid_ad_cta") for p in products(2)])
+    cfg = load_stage_config(GRPOStageConfig, PRESET, [
+        f"output_root={tmp_path}", f"data_dir={tmp_path}", "grpo_reward_weights={judge: 1.0}"])
+    assert cfg.grpo_judge_base_url == "scripted"  # the tiny preset's judge
+    with pytest.raises(LLMConfigError, match="'scripted' is not an http"):
+        run_grpo(cfg)
+    assert not (tmp_path / cfg.run / "grpo").exists()
+    with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+        rows = grpo_dataset(cfg, "train", judge)
+    specs = {json.loads(spec)["config"]["base_url"] for spec in rows["judge"]}
+    assert specs == {judge.base_url} and judge.base_url.startswith("http://127.0.0.1:")

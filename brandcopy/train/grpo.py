@@ -7,7 +7,6 @@ leaves a reward out). With ``grpo_use_vllm`` generation runs in vLLM (colocated 
 GPU; with Unsloth's fast_inference the weights are shared).
 """
 
-import json
 from pathlib import Path
 
 # trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
@@ -16,8 +15,10 @@ import trl
 
 from brandcopy.backend import prepare_backend, vllm_problem
 from brandcopy.config import ConfigError, GRPOStageConfig
+from brandcopy.judge import judge_config
+from brandcopy.llm import LLMConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.rewards import REWARD_FUNCTIONS, cached_judge
+from brandcopy.rewards import JUDGE_CONCURRENCY, REWARD_FUNCTIONS, cached_judge_client, judge_spec
 from brandcopy.run import (
     MetricsCallback,
     begin_stage,
@@ -32,7 +33,7 @@ from brandcopy.run import (
     training_args,
 )
 
-__all__ = ["GRPOStageConfig", "run_grpo", "grpo_config", "active_rewards"]
+__all__ = ["GRPOStageConfig", "run_grpo", "grpo_config", "active_rewards", "judge_endpoint"]
 
 
 def active_rewards(cfg: GRPOStageConfig) -> tuple[list, list[float]]:
@@ -95,34 +96,38 @@ def fast_inference_share(cfg: GRPOStageConfig) -> float | None:
     return cfg.grpo_vllm_gpu_memory_utilization if cfg.grpo_use_vllm and cfg.backend == "unsloth" else None
 
 
-def grpo_dataset(cfg: GRPOStageConfig, split: str):
-    """The GRPO prompts with the columns the rewards read (``brand``; ``reward_model`` and ``judge`` if used)."""
+def grpo_dataset(cfg: GRPOStageConfig, split: str, judge: LLMConfig | None = None):
+    """The GRPO prompts with the columns the rewards read (``brand``; ``reward_model`` and ``judge`` if used).
+
+    ``judge`` is the judge reward's endpoint; None: ``judge_endpoint(cfg)``.
+    """
     rows = load_split(cfg.data_path, "grpo", split)
     rows = rows.add_column("brand", [cfg.brand] * len(rows))
     if cfg.grpo_reward_weights.get("reward_model"):
         reward_dir = require_stage(cfg.run_dir, "reward", "grpo's reward_model reward")
         rows = rows.add_column("reward_model", [str(reward_dir)] * len(rows))
     if cfg.grpo_reward_weights.get("judge"):
-        endpoint = judge_endpoint(cfg)
-        cached_judge(endpoint, cfg.brand)  # a missing key variable fails here, before training starts
-        rows = rows.add_column("judge", [endpoint] * len(rows))
+        spec = judge_spec(judge or judge_endpoint(cfg), cfg.out_dir / "judge")
+        cached_judge_client(spec)  # a missing key variable or a bad URL fails here, before training starts
+        rows = rows.add_column("judge", [spec] * len(rows))
     return rows
 
 
-def judge_endpoint(cfg: GRPOStageConfig) -> str:
-    """The judge reward's endpoint as JSON (the key variable's NAME, never the key); answers are
-    cached in ``<output_root>/llm-cache`` and recorded in ``<run>/grpo/judge``."""
-    return json.dumps({"model": cfg.grpo_judge_model, "base_url": cfg.grpo_judge_base_url,
-                       "api_key_env": cfg.grpo_judge_api_key_env, "mock": cfg.grpo_judge_mock,
-                       "cache_dir": str(Path(cfg.output_root) / "llm-cache"), "out_dir": str(cfg.out_dir / "judge")})
+def judge_endpoint(cfg: GRPOStageConfig) -> LLMConfig:
+    """The judge reward's endpoint from the ``grpo_judge_*`` keys; answers are cached in
+    ``<output_root>/llm-cache`` and recorded in ``<run>/grpo/judge``."""
+    return judge_config(cfg.grpo_judge_model, cfg.grpo_judge_base_url, cfg.grpo_judge_api_key_env, JUDGE_CONCURRENCY,
+                        str(Path(cfg.output_root) / "llm-cache"))
 
 
-def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
+def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = (), judge: LLMConfig | None = None) -> Path:
     """Train the GRPO adapter from ``<run>/<grpo_from>`` and write ``<run>/grpo``.
 
     Args:
         cfg: The stage config.
         callbacks: Extra ``transformers.TrainerCallback`` objects.
+        judge: The judge reward's endpoint, serving for the whole training (only read when the
+            judge reward has a weight); None: the ``grpo_judge_*`` keys (``judge_endpoint``).
 
     Returns:
         The stage folder.
@@ -137,7 +142,7 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = ()) -> Path:
     check_batch(cfg)
     check_vllm(cfg)
     funcs, _ = active_rewards(cfg)
-    train = grpo_dataset(cfg, "train")
+    train = grpo_dataset(cfg, "train", judge)
     source = require_stage(cfg.run_dir, cfg.grpo_from, "grpo")
     resume_from = begin_stage(cfg)
     model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,

@@ -11,8 +11,7 @@ from conftest import REPO, tiny_corpus, tiny_overrides
 from brandcopy import prompts
 from brandcopy.brand import BrandDataError, load_brand, load_golden
 from brandcopy.config import SFTStageConfig, load_stage_config
-from brandcopy.datagen import mock_llm
-from brandcopy.demo import build_data
+from brandcopy.demo import build_data, llm_endpoint
 from brandcopy.judge import JudgeItem, best_of_messages, single_messages
 from brandcopy.lint import FACT_KINDS, lint_records, lint_text
 from brandcopy.modeling import build_tiny_model
@@ -147,7 +146,7 @@ def test_bad_typed_fact_is_named(tmp_path, edit, field, message):
 @pytest.fixture(scope="module")
 def tea_data(tea, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tea") / "t" / "data"
-    with mock_llm(tea) as config:
+    with llm_endpoint(tea) as config:  # no base_url: the scripted server
         report = build_data(config, tea, data_dir)
     return data_dir, report
 
@@ -157,7 +156,7 @@ def test_data_through_the_scripted_server(brand, tmp_path, tea, tea_data):
         data_dir, report = tea_data
     else:
         data_dir = tmp_path / "data"
-        with mock_llm(brand) as config:
+        with llm_endpoint(brand) as config:
             report = build_data(config, brand, data_dir, content_types=["paid_ad_fab", "social_media_review"])
     golden = {(g["product_id"], g["content_type"]): g["text"] for g in load_golden(brand)}
     rows = [json.loads(line) for split in ("train", "val") for line in (data_dir / f"sft_{split}.jsonl").read_text().splitlines()]

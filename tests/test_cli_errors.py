@@ -118,6 +118,10 @@ CASES = {  # id: (build the input in root -> argv, words the one-line message mu
                                      and train(r, "grpo"), ["grpo_train.jsonl:1", "field 'product_id'"]),
     "train sft: unknown key": (lambda r: train(r, "sft", "sft_lrr=1e-4"), ["sft_lrr", "sft_lr"]),
     "eval: wrong type": (lambda r: ["eval", "--config", PRESET, f"output_root={r}", "eval_max_samples=many"], ["eval_max_samples", "int"]),
+    "eval: removed key": (lambda r: ["eval", "--config", PRESET, f"output_root={r}", "eval_judge_mock=true"],
+                          ["eval_judge_mock", "was removed", "eval_judge_base_url: scripted"]),
+    "train grpo: removed key": (lambda r: train(r, "grpo", "grpo_judge_mock=true"),
+                                ["grpo_judge_mock", "was removed", "grpo_judge_base_url: scripted"]),
 }
 
 

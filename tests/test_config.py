@@ -8,6 +8,7 @@ from brandcopy.config import (
     STAGE_CONFIGS,
     ConfigError,
     DPOStageConfig,
+    EvalStageConfig,
     GRPOStageConfig,
     MergeStageConfig,
     SFTStageConfig,
@@ -70,6 +71,14 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path):
     path = write(tmp_path, "run: a\n# comment\nlora_rnak: 8\n")
     with pytest.raises(ConfigError, match=r"preset.yaml:3: unknown key 'lora_rnak' \(did you mean 'lora_rank'\?\)"):
         load_stage_config(SFTStageConfig, path)
+
+
+def test_removed_keys_name_what_replaces_them(tmp_path):
+    path = write(tmp_path, "run: a\neval_judge_mock: true\n")
+    with pytest.raises(ConfigError, match=r"preset.yaml:2: key 'eval_judge_mock' was removed; use eval_judge_base_url: scripted"):
+        load_stage_config(EvalStageConfig, path)
+    with pytest.raises(ConfigError, match=r"override 'grpo_judge_mock=true': key 'grpo_judge_mock' was removed; use grpo_judge_base_url"):
+        load_stage_config(GRPOStageConfig, None, ["grpo_judge_mock=true"])
 
 
 def test_wrong_type_names_file_line_and_key(tmp_path):

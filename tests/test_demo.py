@@ -56,7 +56,7 @@ def test_ensure_tiny_model_builds_once_and_only_for_a_tiny_model_folder(pretrain
 def test_judge_overrides_point_the_judge_at_an_endpoint():
     assert judge_overrides("") == []
     cfg = stage_config(EvalStageConfig, "tiny-cpu", judge_overrides("http://127.0.0.1:8000/v1", "served", ""))
-    assert (cfg.eval_judge_mock, cfg.eval_judge_base_url, cfg.eval_judge_model) == (False, "http://127.0.0.1:8000/v1", "served")
+    assert (cfg.eval_judge_base_url, cfg.eval_judge_model) == ("http://127.0.0.1:8000/v1", "served")
     assert cfg.eval_judge_api_key_env is None
 
 

@@ -137,14 +137,16 @@ def _adapter_run(root, tiny_model_dir):
 @pytest.mark.parametrize("margin", [1.0, -1.0])
 def test_eval_report_has_pass_rates_per_model_the_flag_and_the_dpo_comparison(tmp_path, tiny_model_dir, margin):
     from brandcopy.config import EvalStageConfig, load_stage_config
-    from brandcopy.evaluate import run_eval
+    from brandcopy.evaluate import judge_endpoint, run_eval
+    from brandcopy.mockserver import endpoint
 
     _adapter_run(tmp_path, tiny_model_dir)
     cfg = load_stage_config(EvalStageConfig, None, [
         "run=t", f"output_root={tmp_path}", f"model={tiny_model_dir}", "backend=hf", "load_in_4bit=false",
-        "eval_max_new_tokens=8", "eval_max_samples=2", "eval_sampled=false", "eval_judge_mock=true",
+        "eval_max_new_tokens=8", "eval_max_samples=2", "eval_sampled=false", "eval_judge_base_url=scripted",
         "eval_ifeval_max_samples=8", f"eval_ifeval_margin={margin}"])
-    out = run_eval(cfg)
+    with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+        out = run_eval(cfg, judge)
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "ifeval.jsonl").read_text(encoding="utf-8").splitlines()]
     assert set(results["ifeval"]) == {"base", "sft", "dpo", "dpo-onpolicy"}

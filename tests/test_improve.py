@@ -113,13 +113,17 @@ def test_cli_improve_without_the_stage_exits_2_naming_it(tmp_path):
 
 def test_the_serve_mock_responder_also_judges_and_improves():
     from brandcopy.brand import load_golden
-    from brandcopy.datagen import golden_responder
     from brandcopy.improve import improve_messages, lint_problems
+    from brandcopy.judge import JudgeItem, parse_scores, single_messages
+    from brandcopy.mockserver import scripted_responder
 
     golden = next(r["text"] for r in load_golden(BRAND) if (r["product_id"], r["content_type"]) == ("YS-002", "paid_ad_cta"))
-    respond = golden_responder(BRAND)
+    respond = scripted_responder(BRAND)
     bad = improve_messages(BRAND, "YS-002", "paid_ad_cta", "太短了！！", lint_problems(BRAND, "太短了！！", "paid_ad_cta", "YS-002"))
     judgement = parse_judgement(respond({"messages": bad}))
     assert judgement.verdict == "bad" and judgement.improved == golden
     good = improve_messages(BRAND, "YS-002", "paid_ad_cta", golden, [])
     assert parse_judgement(respond({"messages": good})).verdict == "good"
+    item = JudgeItem("k", "YS-002", "paid_ad_cta", "写文案", golden, {"sft": "太短了！！"})
+    scores = [parse_scores(respond({"messages": single_messages(BRAND, item, name)})) for name in ("golden", "sft")]
+    assert sum(scores[0].values()) > sum(scores[1].values())  # the judge prompts get the scripted judge's scores

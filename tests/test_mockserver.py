@@ -136,3 +136,30 @@ def test_serve_mock_command_serves_until_interrupted(signum):
     finally:
         process.kill()  # whatever happened above, no server is left running
         process.wait()
+
+
+# --- the test doubles stay out of production code ---------------------------------------------------
+
+PRODUCTION = ("datagen", "judge", "rewards", "evaluate", "improve", "train/grpo", "llm", "lint", "metrics")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+@pytest.mark.parametrize("module", PRODUCTION)
+def test_production_modules_never_import_the_scripted_server(module):
+    path = Path(__file__).resolve().parents[1] / "brandcopy" / f"{module}.py"
+    assert "brandcopy.mockserver" not in _imported_modules(path)
+
+
+def test_the_judge_loads_without_metrics_or_torch():
+    code = "import sys, brandcopy.judge; print(sorted({'torch', 'brandcopy.metrics'} & set(sys.modules)))"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                            env=os.environ | {"PYTHONPATH": str(root)})
+    assert result.stdout.strip() == "[]"

@@ -1,6 +1,5 @@
 """GRPO rewards grade with lint's grader: clean copy scores 1.0, each kind of fault lowers its reward."""
 
-import json
 import logging
 
 import pytest

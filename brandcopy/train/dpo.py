@@ -18,18 +18,12 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.run import (
-    DATA_KINDS,
-    MetricsCallback,
-    begin_stage,
+from brandcopy.run import DATA_KINDS, MetricsCallback, begin_stage, data_file, finish_stage, read_jsonl, require_stage
+from brandcopy.train.common import (
     changed_params,
-    data_file,
     final_eval,
-    finish_stage,
     load_split,
     param_fingerprint,
-    read_jsonl,
-    require_stage,
     save_adapter,
     training_args,
 )

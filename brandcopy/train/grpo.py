@@ -18,19 +18,8 @@ from brandcopy.backend import prepare_backend, vllm_problem
 from brandcopy.config import ConfigError, GRPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
 from brandcopy.rewards import REWARD_FUNCTIONS, cached_judge
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
-    changed_params,
-    data_file,
-    finish_stage,
-    load_split,
-    param_fingerprint,
-    require_stage,
-    save_adapter,
-    stage_dir,
-    training_args,
-)
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage, require_stage, stage_dir
+from brandcopy.train.common import changed_params, load_split, param_fingerprint, save_adapter, training_args
 
 __all__ = ["GRPOStageConfig", "run_grpo", "grpo_config", "active_rewards"]
 

@@ -21,16 +21,8 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import RewardStageConfig
 from brandcopy.modeling import bnb_4bit_config, default_dtype, process_device
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
-    changed_params,
-    data_file,
-    finish_stage,
-    load_split,
-    param_fingerprint,
-    training_args,
-)
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
+from brandcopy.train.common import changed_params, load_split, param_fingerprint, training_args
 
 __all__ = ["RewardStageConfig", "run_reward", "load_reward_model", "score_conversations", "pairwise_accuracy"]
 

@@ -16,13 +16,10 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import SFTStageConfig, atomic_write_text
 from brandcopy.modeling import check_training_example, fix_special_tokens, load_model, save_tokenizer
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
+from brandcopy.train.common import (
     changed_params,
-    data_file,
     final_eval,
-    finish_stage,
     load_split,
     lora_settings,
     param_fingerprint,

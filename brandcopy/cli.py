@@ -263,7 +263,7 @@ def _stage_config_or_exit(config_cls, config: str | None, overrides: list[str] |
     return cfg
 
 _CONFIG = typer.Option(..., "--config", "-c", help="Flat YAML preset, e.g. configs/tiny-cpu.yaml.")
-_OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (lr=1e-4).")
+_OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (learning_rate=1e-4).")
 
 
 def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None):

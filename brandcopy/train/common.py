@@ -1,10 +1,12 @@
-"""What every training stage shares around its TRL trainer: data splits, TRL arguments, LoRA, checks, saving.
+"""What every training stage shares around its TRL trainer: data splits, TRL config, LoRA, checks, saving.
 
 The run directory itself (stage folders, manifest, metrics, curves, checkpoints) is ``brandcopy.run``'s.
 """
 
+import dataclasses
 from pathlib import Path
 
+from brandcopy.config import config_dict
 from brandcopy.run import DATA_KINDS, data_file, is_main_process, read_jsonl
 
 
@@ -22,43 +24,63 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def training_args(cfg, *, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int) -> dict:
-    """Keyword arguments every TRL config of a stage shares (output, schedule, precision, saving).
+def trl_args(cfg, config_class: type) -> dict:
+    """The stage config's keys that are arguments of ``config_class``, by the library's own names.
 
-    On CPU: ``use_cpu`` and fp32 (TRL configs default to bf16). On GPU: bf16 where supported,
-    else fp16.
+    A shared key passes through when it is a ``transformers.TrainingArguments`` field (``optim``,
+    ``lr_scheduler_type``, ``warmup_steps``, ``save_steps``, ``seed``, ``report_to``, ...); a stage key
+    ``<prefix>_<name>`` when ``<name>`` is a field of ``config_class`` (``sft_learning_rate``,
+    ``dpo_beta``, ``grpo_num_generations``, ...). brandcopy's own keys (``run``, ``lora_*``,
+    ``dpo_from``, ...) are not arguments of any TRL config and stay out.
+    """
+    from transformers import TrainingArguments
+
+    shared = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = {f.name for f in dataclasses.fields(config_class)}
+    prefix = f"{cfg.prefix}_"
+    args = {}
+    for name, value in config_dict(cfg).items():
+        if name.startswith(prefix):
+            if name.removeprefix(prefix) in own:
+                args[name.removeprefix(prefix)] = value
+        elif name in shared:
+            args[name] = value
+    return args
+
+
+def trl_config(config_class: type, cfg, **settings):
+    """A stage's TRL config: its keys passed through (``trl_args``), then what brandcopy fixes, then ``settings``.
+
+    Fixed for every stage: checkpoints in ``<stage>/checkpoints`` every ``save_steps``, the eval batch
+    as large as the training batch, ``data_seed`` = ``seed``, non-reentrant gradient checkpointing,
+    no dataloader workers; on CPU ``use_cpu`` and fp32 (TRL configs default to bf16), on GPU bf16
+    where supported, else fp16.
+
+    Args:
+        config_class: ``trl.SFTConfig``, ``trl.DPOConfig``, ... (looked up when the stage runs, so
+            Unsloth's patched class on the unsloth backend).
+        cfg: The stage config.
+        **settings: What the stage sets itself (``max_length``, ``eval_strategy``, ...); they win,
+            also over a key of the same name (GRPO's ``reward_weights`` list from ``grpo_reward_weights``).
     """
     import torch
 
+    args = trl_args(cfg, config_class)
     gpu = on_gpu()
     bf16 = gpu and torch.cuda.is_bf16_supported()
-    return {
+    return config_class(**{
         "output_dir": str(cfg.out_dir / "checkpoints"),
-        "learning_rate": lr,
-        "num_train_epochs": epochs,
-        "max_steps": max_steps,
-        "per_device_train_batch_size": batch_size,
-        "per_device_eval_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "optim": cfg.optim,
-        "lr_scheduler_type": cfg.lr_scheduler,
-        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "logging_steps": cfg.logging_steps,
+        "per_device_eval_batch_size": args["per_device_train_batch_size"],
         "save_strategy": "steps",
-        "save_steps": cfg.save_steps,
-        "save_total_limit": cfg.save_total_limit,
-        "seed": cfg.seed,
         "data_seed": cfg.seed,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "use_cpu": not gpu,
         "bf16": bf16,
         "fp16": gpu and not bf16,
-        "report_to": cfg.report_to,  # tensorboard: event files under <stage>/checkpoints/runs/
         "dataloader_num_workers": 0,
-    }
+        **args,  # report_to: tensorboard writes its event files under <stage>/checkpoints/runs/
+        **settings,
+    })
 
 
 def lora_settings(cfg):

@@ -25,7 +25,7 @@ from brandcopy.train.common import (
     load_split,
     param_fingerprint,
     save_adapter,
-    training_args,
+    trl_config,
 )
 
 __all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
@@ -49,15 +49,9 @@ def train_pairs(cfg: DPOStageConfig):
 
 
 def dpo_config(cfg: DPOStageConfig) -> "trl.DPOConfig":
-    """The TRL DPOConfig for a stage config."""
-    return trl.DPOConfig(
-        **training_args(cfg, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
-                        batch_size=cfg.dpo_batch_size, grad_accum=cfg.dpo_grad_accum),
-        beta=cfg.dpo_beta,
-        max_length=cfg.max_seq_length,
-        eval_strategy="steps",
-        eval_steps=cfg.save_steps,
-    )
+    """The TRL DPOConfig for a stage config (``dpo_beta`` and the other TRL-named keys passed through)."""
+    return trl_config(trl.DPOConfig, cfg, max_length=cfg.max_seq_length, eval_strategy="steps",
+                      eval_steps=cfg.save_steps)
 
 
 def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:

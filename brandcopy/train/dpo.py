@@ -8,7 +8,6 @@ validated on the same held-out synthetic pairs, ``preference_val.jsonl``. The re
 frozen copy of the starting adapter (TRL adds it as the ``ref`` adapter), not the bare base.
 """
 
-import logging
 from pathlib import Path
 
 # trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
@@ -29,8 +28,6 @@ from brandcopy.train.common import (
 )
 
 __all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
-
-logger = logging.getLogger(__name__)
 
 PAIR_FILES = {"synthetic": ("preference",), "onpolicy": ("preference_onpolicy",), "both": ("preference", "preference_onpolicy")}
 

@@ -82,7 +82,8 @@ def main() -> None:
                   "sft_gradient_accumulation_steps=1", "gradient_checkpointing=false"]
         preset = REPO / "configs" / "tiny-cpu.yaml"
         # A packed row holds max_seq_length tokens; give it about as many real tokens per step as the padded batch.
-        packed = load_stage_config(SFTStageConfig, preset, common + ["run=packed", "sft_packing=true", "sft_per_device_train_batch_size=2"])
+        packed = load_stage_config(SFTStageConfig, preset, common + ["run=packed", "sft_packing=true",
+                                                                     "sft_per_device_train_batch_size=2"])
         padded = load_stage_config(SFTStageConfig, preset, common + ["run=padded", "sft_packing=false",
                                                                      f"sft_per_device_train_batch_size={args.batch_size}"])
         results = {"packed": measure(packed), "padded": measure(padded)}

@@ -195,7 +195,7 @@ def _stage_tokens(sft, reward, dpo, grpo) -> dict[str, int]:
         "sft": sft.sft_per_device_train_batch_size * sft.max_seq_length,
         "reward": 2 * reward.reward_per_device_train_batch_size * reward.max_seq_length,  # chosen and rejected
         "dpo": 2 * dpo.dpo_per_device_train_batch_size * dpo.max_seq_length,
-        "grpo": grpo.grpo_per_device_train_batch_size * grpo.max_seq_length,  # prompt + completion, at most max_seq_length
+        "grpo": grpo.grpo_per_device_train_batch_size * grpo.max_seq_length,  # prompt + completion, up to max_seq_length
     }
 
 
@@ -296,7 +296,8 @@ def _grpo_residents(grpo, s: ModelShape, weights: float, lora_state: float, acti
     if grpo.grpo_reward_weights.get("reward_model"):
         parts["reward model weights"] = reward_model_weight_bytes(s, grpo.load_in_4bit)
         # scoring is a no-grad forward of the batch: about one layer's activations at a time
-        parts["reward model scoring"] = grpo.grpo_per_device_train_batch_size * grpo.max_seq_length * activation_bytes_per_token(s, False) / s.layers
+        tokens = grpo.grpo_per_device_train_batch_size * grpo.max_seq_length
+        parts["reward model scoring"] = tokens * activation_bytes_per_token(s, False) / s.layers
     parts["CUDA overhead"] = overhead
     return parts
 

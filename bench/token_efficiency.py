@@ -25,7 +25,7 @@ from brandcopy.config import SFTStageConfig, load_stage_config  # noqa: E402
 from brandcopy.demo import repo_texts  # noqa: E402
 from brandcopy.modeling import build_tiny_model, fix_special_tokens, load_model  # noqa: E402
 from brandcopy.prompts import chat_messages  # noqa: E402
-from brandcopy.run import load_split, lora_settings  # noqa: E402
+from brandcopy.train.common import load_split, lora_settings  # noqa: E402
 from brandcopy.train.sft import sft_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +79,13 @@ def main() -> None:
         samples = write_golden_sft(tmp / "data")
         common = [f"model={model_dir}", f"output_root={tmp}", f"data_dir={tmp / 'data'}", "backend=hf",
                   f"max_seq_length={args.max_seq_length}", f"sft_max_steps={args.steps}", "sft_eval=false",
-                  "sft_grad_accum=1", "gradient_checkpointing=false"]
+                  "sft_gradient_accumulation_steps=1", "gradient_checkpointing=false"]
         preset = REPO / "configs" / "tiny-cpu.yaml"
         # A packed row holds max_seq_length tokens; give it about as many real tokens per step as the padded batch.
-        packed = load_stage_config(SFTStageConfig, preset, common + ["run=packed", "sft_packing=true", "sft_batch_size=2"])
+        packed = load_stage_config(SFTStageConfig, preset, common + ["run=packed", "sft_packing=true",
+                                                                     "sft_per_device_train_batch_size=2"])
         padded = load_stage_config(SFTStageConfig, preset, common + ["run=padded", "sft_packing=false",
-                                                                     f"sft_batch_size={args.batch_size}"])
+                                                                     f"sft_per_device_train_batch_size={args.batch_size}"])
         results = {"packed": measure(packed), "padded": measure(padded)}
     for name, r in results.items():
         print(f"{name:7s} real tokens {r['real_token_share']:.1%} of {r['batches_per_epoch']} batches, "

@@ -263,69 +263,85 @@ def _stage_config_or_exit(config_cls, config: str | None, overrides: list[str] |
     return cfg
 
 _CONFIG = typer.Option(..., "--config", "-c", help="Flat YAML preset, e.g. configs/tiny-cpu.yaml.")
-_OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (lr=1e-4).")
+_OVERRIDES = typer.Argument(None, help="key=value overrides of preset keys; a stage's prefix may be left out (learning_rate=1e-4).")
 
 
-def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides: list[str] | None, judged: bool = False):
-    """Load the stage config (errors exit 2 before any model loads), run the stage, print its folder.
+def _run_stage(run_stage, cfg) -> None:
+    """Run a stage on its checked config (``_stage_config_or_exit``) and print its folder.
 
-    A ``judged`` stage (grpo) gets its judge's endpoint, ``stage.judge_endpoint(cfg)``, through
-    ``mockserver.endpoint``: a preset's ``scripted`` judge serves for the whole stage.
-
-    The backend is prepared before the stage's module (and with it trl) is imported, so that on the
-    unsloth backend Unsloth's patched trainers are the ones the stage gets; the preset is checked
-    before either. Every input error exits 2 with one line before any model loads: preset, data
-    files (file:line: field), starting stage, model folder.
+    Every input error exits 2 with one line before any model loads: data files (file:line:
+    field), starting stage, model folder. Each command imports its stage module (and with it
+    trl) only after ``_stage_config_or_exit`` prepared the backend, so that on the unsloth backend
+    Unsloth's patched trainers are the ones the stage gets; the preset is checked before either.
     """
-    import importlib
-
-    from brandcopy import config as config_module
-
-    cfg = _stage_config_or_exit(getattr(config_module, config_cls), config, overrides)
-    stage = importlib.import_module(f"brandcopy.train.{module}")
+    from brandcopy.config import ConfigError
     from brandcopy.modeling import TrainingExampleError
     from brandcopy.run import DataFileError, StageInputError
 
-    with _bad_input(config_module.ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
-        if not judged:
-            out = getattr(stage, run_fn)(cfg)
-        else:
-            from brandcopy.brand import load_brand
-            from brandcopy.mockserver import endpoint
-
-            with endpoint(stage.judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
-                out = getattr(stage, run_fn)(cfg, judge=judge)
+    with _bad_input(ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
+        out = run_stage(cfg)
     typer.echo(f"{cfg.stage} finished: {out}")
 
 
 @train_app.command("sft")
 def train_sft(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """Supervised fine-tuning (LoRA/QLoRA, assistant-only loss, packed) -> <run>/sft."""
-    _run_stage("SFTStageConfig", "run_sft", "sft", config, overrides)
+    from brandcopy.config import SFTStageConfig
+
+    cfg = _stage_config_or_exit(SFTStageConfig, config, overrides)
+    from brandcopy.train.sft import run_sft
+
+    _run_stage(run_sft, cfg)
 
 
 @train_app.command("reward")
 def train_reward(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """Reward model on chosen/rejected pairs -> <run>/reward."""
-    _run_stage("RewardStageConfig", "run_reward", "reward", config, overrides)
+    from brandcopy.config import RewardStageConfig
+
+    cfg = _stage_config_or_exit(RewardStageConfig, config, overrides)
+    from brandcopy.train.reward import run_reward
+
+    _run_stage(run_reward, cfg)
 
 
 @train_app.command("dpo")
 def train_dpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """DPO from the SFT adapter -> <run>/dpo."""
-    _run_stage("DPOStageConfig", "run_dpo", "dpo", config, overrides)
+    from brandcopy.config import DPOStageConfig
+
+    cfg = _stage_config_or_exit(DPOStageConfig, config, overrides)
+    from brandcopy.train.dpo import run_dpo
+
+    _run_stage(run_dpo, cfg)
 
 
 @train_app.command("grpo")
 def train_grpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """GRPO from the SFT adapter with the brand rewards -> <run>/grpo."""
-    _run_stage("GRPOStageConfig", "run_grpo", "grpo", config, overrides, judged=True)
+    from brandcopy.config import GRPOStageConfig
+
+    cfg = _stage_config_or_exit(GRPOStageConfig, config, overrides)
+    from brandcopy.brand import load_brand
+    from brandcopy.mockserver import endpoint
+    from brandcopy.train.grpo import judge_endpoint, run_grpo
+
+    def run_judged(cfg):  # a preset's `scripted` judge serves for the whole stage
+        with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
+            return run_grpo(cfg, judge=judge)
+
+    _run_stage(run_judged, cfg)
 
 
 @app.command("merge")
 def merge(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     """Merge an adapter onto the 16-bit base -> <run>/merged (safetensors; GGUF with Unsloth)."""
-    _run_stage("MergeStageConfig", "run_merge", "merge", config, overrides)
+    from brandcopy.config import MergeStageConfig
+
+    cfg = _stage_config_or_exit(MergeStageConfig, config, overrides)
+    from brandcopy.train.merge import run_merge
+
+    _run_stage(run_merge, cfg)
 
 
 @app.command("doctor")

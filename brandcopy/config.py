@@ -1,13 +1,19 @@
 """Stage configs: one dataclass per training stage, loaded from one flat YAML preset.
 
 A preset (``configs/*.yaml``) is one flat mapping. Keys shared by every stage (``run``, ``model``,
-``backend``, ``lora_rank``, ...) have plain names; keys that belong to one stage carry its prefix
-(``sft_lr``, ``grpo_num_generations``, ``merge_from``). A stage reads the keys it knows and
-ignores the other stages' keys; a key no stage knows is an error naming the file and line.
+``backend``, ``lora_rank``, ``lr_scheduler_type``, ...) have plain names; keys that belong to one stage
+carry its prefix (``sft_learning_rate``, ``grpo_num_generations``, ``merge_from``). A stage reads the
+keys it knows and ignores the other stages' keys; a key no stage knows is an error naming the file and line.
+
+Where a key is a transformers ``TrainingArguments`` or TRL config argument it has that library's
+name (``lr_scheduler_type``; ``sft_`` + ``learning_rate``), and ``train.common.trl_config`` passes it
+through: a new TRL setting is one field here and one line in each preset. brandcopy's own concepts
+(``run``, ``brand``, ``backend``, ``lora_*``, ``*_from``, ``dpo_pairs``, ``eval_*`` ...) keep their own
+names. Keys renamed to the library names (``RENAMED``) are errors naming the new name.
 
 Command-line overrides are ``key=value`` strings parsed as YAML values
-(``sft_lr=1e-4``, ``lora_target_modules=[q_proj,v_proj]``). On a stage's command line the stage
-prefix may be left out: ``brandcopy train sft lr=1e-4`` sets ``sft_lr``.
+(``sft_learning_rate=1e-4``, ``lora_target_modules=[q_proj,v_proj]``). On a stage's command line the
+stage prefix may be left out: ``brandcopy train sft learning_rate=1e-4`` sets ``sft_learning_rate``.
 """
 
 import dataclasses
@@ -27,6 +33,15 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DPO_FOLDERS = {"synthetic": "dpo", "onpolicy": "dpo-onpolicy", "both": "dpo-both"}  # dpo_pairs -> stage folder
 REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow", "swanlab", "comet_ml", "all")  # transformers' integrations
+# A trainer stage's key without its prefix -> its TRL name, and every key of older presets -> its transformers / TRL name
+_RENAMED_STAGE_KEYS = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+                       "grad_accum": "gradient_accumulation_steps"}
+RENAMED = {
+    "lr_scheduler": "lr_scheduler_type",
+    "warmup_ratio": "warmup_steps",
+    **{f"{prefix}_{old}": f"{prefix}_{new}" for prefix in ("sft", "reward", "dpo", "grpo")
+       for old, new in _RENAMED_STAGE_KEYS.items()},
+}
 
 
 class ConfigError(ValueError):
@@ -59,8 +74,8 @@ class CommonConfig:
     lora_modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     optim: str = "adamw_8bit"
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03  # transformers 5: below 1 a share of the total steps, else a step count
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 1
@@ -94,11 +109,11 @@ class SFTStageConfig(CommonConfig):
     stage: ClassVar[str] = "sft"  # output folder <run>/sft
     prefix: ClassVar[str] = "sft"  # prefix of this stage's own keys
 
-    sft_lr: float = 2e-4
-    sft_epochs: float = 2.0
+    sft_learning_rate: float = 2e-4
+    sft_num_train_epochs: float = 2.0
     sft_max_steps: int = -1
-    sft_batch_size: int = 2
-    sft_grad_accum: int = 4
+    sft_per_device_train_batch_size: int = 2
+    sft_gradient_accumulation_steps: int = 4
     sft_packing: bool = True
     sft_eval: bool = True
 
@@ -110,11 +125,11 @@ class RewardStageConfig(CommonConfig):
     stage: ClassVar[str] = "reward"  # output folder <run>/reward
     prefix: ClassVar[str] = "reward"  # prefix of this stage's own keys
 
-    reward_lr: float = 1e-4
-    reward_epochs: float = 1.0
+    reward_learning_rate: float = 1e-4
+    reward_num_train_epochs: float = 1.0
     reward_max_steps: int = -1
-    reward_batch_size: int = 2
-    reward_grad_accum: int = 4
+    reward_per_device_train_batch_size: int = 2
+    reward_gradient_accumulation_steps: int = 4
 
 
 @dataclass
@@ -125,12 +140,12 @@ class DPOStageConfig(CommonConfig):
     prefix: ClassVar[str] = "dpo"  # prefix of this stage's own keys
 
     dpo_from: str = field(default="sft", metadata=_choices("sft", "grpo"))
-    dpo_lr: float = 5e-6
+    dpo_learning_rate: float = 5e-6
     dpo_beta: float = 0.1
-    dpo_epochs: float = 1.0
+    dpo_num_train_epochs: float = 1.0
     dpo_max_steps: int = -1
-    dpo_batch_size: int = 1
-    dpo_grad_accum: int = 8
+    dpo_per_device_train_batch_size: int = 1
+    dpo_gradient_accumulation_steps: int = 8
     dpo_eval_pairs: int = 64
     dpo_pairs: str = field(default="synthetic", metadata=_choices(*DPO_FOLDERS))  # synthetic / onpolicy / both
 
@@ -148,11 +163,11 @@ class GRPOStageConfig(CommonConfig):
     prefix: ClassVar[str] = "grpo"  # prefix of this stage's own keys
 
     grpo_from: str = field(default="sft", metadata=_choices("sft", *DPO_FOLDERS.values()))
-    grpo_lr: float = 5e-6
-    grpo_epochs: float = 1.0
+    grpo_learning_rate: float = 5e-6
+    grpo_num_train_epochs: float = 1.0
     grpo_max_steps: int = -1
-    grpo_batch_size: int = 4
-    grpo_grad_accum: int = 1
+    grpo_per_device_train_batch_size: int = 4
+    grpo_gradient_accumulation_steps: int = 1
     grpo_num_generations: int = 4
     grpo_max_completion_length: int = 512
     grpo_temperature: float = 1.0
@@ -324,6 +339,10 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+def _renamed(key: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: '{key}' was renamed to '{RENAMED.get(key) or _RENAMED_STAGE_KEYS[key]}'")
+
+
 def _override_key(cls: type, key: str, where: str) -> str:
     """The field an override names: the key itself, or the key with this stage's prefix."""
     keys = config_keys(cls)
@@ -331,6 +350,8 @@ def _override_key(cls: type, key: str, where: str) -> str:
         return key
     if f"{cls.prefix}_{key}" in keys:
         return f"{cls.prefix}_{key}"
+    if key in RENAMED or key in _RENAMED_STAGE_KEYS:
+        raise _renamed(key, where)
     if key in all_keys():
         raise ConfigError(f"{where}: '{key}' is not read by the {cls.stage} stage")
     raise _unknown_key(key, where)
@@ -373,14 +394,16 @@ def load_stage_config(cls: type, path: str | Path | None = None, overrides: list
         An instance of ``cls``.
 
     Raises:
-        ConfigError: An unknown key, a wrong-typed value or a value outside the allowed choices,
-            naming the file and line or the override.
+        ConfigError: An unknown or renamed key, a wrong-typed value or a value outside the allowed
+            choices, naming the file and line or the override.
     """
     values, lines = read_preset(path) if path is not None else ({}, {})
     known, mine = all_keys(), config_keys(cls)
     kwargs = {}
     for key, value in values.items():
         where = f"{path}:{lines.get(key, '?')}: key '{key}'"
+        if key in RENAMED:
+            raise _renamed(key, f"{path}:{lines.get(key, '?')}")
         if key not in known:
             raise _unknown_key(key, f"{path}:{lines.get(key, '?')}")
         if key in mine:

@@ -172,7 +172,7 @@ def _key(item: str) -> str:
 
 
 def _reads(cls: type, key: str) -> bool:
-    """Whether a stage reads ``key``, written in full or without the stage's prefix (``lr`` for ``sft_lr``)."""
+    """Whether a stage reads ``key``, written in full or without the stage's prefix (``learning_rate`` for ``sft_learning_rate``)."""
     keys = config_keys(cls)
     return key in keys or f"{cls.prefix}_{key}" in keys
 

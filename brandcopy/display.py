@@ -264,6 +264,11 @@ def pair_diff_text(chosen: str, rejected: str, context: int = 15) -> str:
 OVERVIEW_METRICS = {"stop_rate": "stopped", "distinct_2": "distinct-2", "lint_score": "lint", "fact_pass_rate": "facts ok"}
 
 
+def _percent(value: float | None) -> str:
+    """A share as a percentage; None (null in results.json: nothing was measured) as –."""
+    return "–" if value is None else f"{value:.0%}"
+
+
 def eval_overview_markdown(eval_dir, link_from=None) -> str:
     """The evaluation at a glance (from ``results.json``): per model the judge's overall mean score, the greedy stop
     rate and a few offline metrics, the position-bias figures, and a link to the full ``report.md``.
@@ -286,9 +291,9 @@ def eval_overview_markdown(eval_dir, link_from=None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
               for row in rows]
-    bias = [f"- **{name}**: the first position won {b['first_won_original']:.0%} of best-of-3 rounds in the original "
-            f"order, {b['first_won_swapped']:.0%} after swapping (about 33% without bias); the orders agreed on "
-            f"{b['agreement']:.0%}, {b['ties']} ties, {b['failed']} failed, of {b['n']}"
+    bias = [f"- **{name}**: the first position won {_percent(b['first_won_original'])} of best-of-3 rounds in the original "
+            f"order, {_percent(b['first_won_swapped'])} after swapping (about 33% without bias); the orders agreed on "
+            f"{_percent(b['agreement'])}, {b['ties']} ties, {b['failed']} failed, of {b['n']}"
             for name, b in results["position_bias"].items()]
     report = eval_dir / "report.md"
     link = os.path.relpath(report, link_from) if link_from else str(report)

@@ -192,10 +192,10 @@ def kv_cache_bytes(s: ModelShape, tokens: int) -> float:
 def _stage_tokens(sft, reward, dpo, grpo) -> dict[str, int]:
     """Tokens in one micro-batch of each stage (sequences x their length)."""
     return {
-        "sft": sft.sft_batch_size * sft.max_seq_length,
-        "reward": 2 * reward.reward_batch_size * reward.max_seq_length,  # chosen and rejected
-        "dpo": 2 * dpo.dpo_batch_size * dpo.max_seq_length,
-        "grpo": grpo.grpo_batch_size * grpo.max_seq_length,  # prompt + completion, at most max_seq_length
+        "sft": sft.sft_per_device_train_batch_size * sft.max_seq_length,
+        "reward": 2 * reward.reward_per_device_train_batch_size * reward.max_seq_length,  # chosen and rejected
+        "dpo": 2 * dpo.dpo_per_device_train_batch_size * dpo.max_seq_length,
+        "grpo": grpo.grpo_per_device_train_batch_size * grpo.max_seq_length,  # prompt + completion, up to max_seq_length
     }
 
 
@@ -247,7 +247,7 @@ def vram_plan(preset: str | Path, gpu_gib: float, optimizer_bytes: float | None 
         act_gc[stage] = n * (activation_bytes_per_token(s, True) - offloaded) + logits
         act_no[stage] = n * activation_bytes_per_token(s, False) + logits
     act = act_gc if sft.gradient_checkpointing else act_no
-    generated = grpo.grpo_batch_size * grpo.grpo_grad_accum * grpo.max_seq_length
+    generated = grpo.grpo_per_device_train_batch_size * grpo.grpo_gradient_accumulation_steps * grpo.max_seq_length
     generation = kv_cache_bytes(s, generated)
     vllm_reserve = grpo.grpo_vllm_gpu_memory_utilization * gpu_gib * GIB if grpo.grpo_use_vllm else 0.0
     overhead = OVERHEAD_GIB * GIB
@@ -296,7 +296,8 @@ def _grpo_residents(grpo, s: ModelShape, weights: float, lora_state: float, acti
     if grpo.grpo_reward_weights.get("reward_model"):
         parts["reward model weights"] = reward_model_weight_bytes(s, grpo.load_in_4bit)
         # scoring is a no-grad forward of the batch: about one layer's activations at a time
-        parts["reward model scoring"] = grpo.grpo_batch_size * grpo.max_seq_length * activation_bytes_per_token(s, False) / s.layers
+        tokens = grpo.grpo_per_device_train_batch_size * grpo.max_seq_length
+        parts["reward model scoring"] = tokens * activation_bytes_per_token(s, False) / s.layers
     parts["CUDA overhead"] = overhead
     return parts
 

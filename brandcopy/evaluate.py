@@ -122,6 +122,22 @@ class EvalResults:
         }
 
 
+def json_ready(value):
+    """``value`` for ``json.dumps``: a number that was not measured (NaN: no paid ads, no parsed round) becomes
+    None, JSON's null; NaN is not JSON, and strict readers (JavaScript, ``jq``) reject it.
+
+    Numbers of other types (numpy, torch scalars) become floats, as ``json.dumps(default=float)`` made them.
+    """
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 # --- inputs --------------------------------------------------------------------------------------
 
 
@@ -615,7 +631,8 @@ def run_eval(cfg: EvalStageConfig, judge: LLMConfig | None = None) -> Path:
     results.missing = missing_parts(cfg, results)
     charts = plot_judge_charts(results, out / "charts") if results.scores else {}
     plot_stage_chart(stage_changes(results), out / "charts" / "stages.png")
-    atomic_write_text(out / "results.json", json.dumps(results.as_dict(), ensure_ascii=False, indent=2, default=float))
+    atomic_write_text(out / "results.json", json.dumps(json_ready(results.as_dict()), ensure_ascii=False, indent=2,
+                                                       allow_nan=False))
     atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
     atomic_write_text(out / "ifeval.jsonl", "".join(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n"
                                                     for name, rows in results.ifeval_scored.items() for row in rows))

@@ -42,7 +42,7 @@ def pretrained_tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_overrides(output_root: Path, model_dir: Path, run: str = "t") -> list[str]:
     """Overrides of configs/tiny-cpu.yaml that keep a training test to seconds."""
     return [f"output_root={output_root}", f"run={run}", f"model={model_dir}", "max_seq_length=256",
-            "lr_scheduler=constant", "warmup_ratio=0", "save_steps=100", "lora_rank=16", "lora_alpha=32"]
+            "lr_scheduler_type=constant", "warmup_steps=0", "save_steps=100", "lora_rank=16", "lora_alpha=32"]
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def sft_run(tiny_model_dir, tmp_path_factory):
     overrides = tiny_overrides(root, tiny_model_dir)
     write_tiny_data(root / "t" / "data")
     cfg = load_stage_config(SFTStageConfig, REPO / "configs" / "tiny-cpu.yaml",
-                            overrides + ["sft_max_steps=30", "sft_lr=5e-3"])
+                            overrides + ["sft_max_steps=30", "sft_learning_rate=5e-3"])
     return overrides, run_sft(cfg)
 
 

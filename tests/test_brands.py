@@ -208,7 +208,8 @@ def test_tiny_sft_on_the_tea_brand(tea_data, tmp_path):
     texts = tiny_corpus() + [line for row in _rows(data_dir / "sft_train.jsonl") for m in row["messages"] for line in m["content"].splitlines()]
     model_dir = build_tiny_model(tmp_path / "tiny-model", texts)
     overrides = tiny_overrides(tmp_path, model_dir) + [f"data_dir={data_dir}", "max_seq_length=512", "sft_max_steps=10",
-                                                       "sft_lr=5e-3", "sft_eval=false", "sft_batch_size=1", "brand=guanshan"]
+                                                       "sft_learning_rate=5e-3", "sft_eval=false",
+                                                       "sft_per_device_train_batch_size=1", "brand=guanshan"]
     out = run_sft(load_stage_config(SFTStageConfig, REPO / "configs" / "tiny-cpu.yaml", overrides))
     losses = [row["loss"] for row in read_metrics(out / "metrics.jsonl") if "loss" in row]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5

@@ -116,7 +116,11 @@ CASES = {  # id: (build the input in root -> argv, words the one-line message mu
                                       and train(r, "dpo"), ["preference_train.jsonl:1", "field 'chosen'"]),
     "train grpo: empty product_id": (lambda r: training_data(r, "grpo_train.jsonl", lambda p: rows_with(p, product_id=""))
                                      and train(r, "grpo"), ["grpo_train.jsonl:1", "field 'product_id'"]),
-    "train sft: unknown key": (lambda r: train(r, "sft", "sft_lrr=1e-4"), ["sft_lrr", "sft_lr"]),
+    "train sft: unknown key": (lambda r: train(r, "sft", "sft_learnig_rate=1e-4"), ["sft_learnig_rate", "sft_learning_rate"]),
+    "train sft: renamed key": (lambda r: train(r, "sft", "sft_lr=1e-4"), ["override 'sft_lr=1e-4'", "renamed to 'sft_learning_rate'"]),
+    "train sft: renamed key without prefix": (lambda r: train(r, "sft", "lr=1e-4"), ["override 'lr=1e-4'", "renamed to 'learning_rate'"]),
+    "train dpo: renamed key in a preset": (lambda r: ["train", "dpo", "--config", str(write_text(r / "old.yaml", "run: t\ndpo_batch_size: 2\n")),
+                                                      f"output_root={r}"], ["old.yaml:2", "'dpo_batch_size'", "renamed to 'dpo_per_device_train_batch_size'"]),
     "eval: wrong type": (lambda r: ["eval", "--config", PRESET, f"output_root={r}", "eval_max_samples=many"], ["eval_max_samples", "int"]),
     "eval: removed key": (lambda r: ["eval", "--config", PRESET, f"output_root={r}", "eval_judge_mock=true"],
                           ["eval_judge_mock", "was removed", "eval_judge_base_url: scripted"]),

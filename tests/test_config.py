@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from brandcopy.config import (
+    RENAMED,
     STAGE_CONFIGS,
     ConfigError,
     DPOStageConfig,
@@ -56,15 +57,15 @@ def test_24gb_preset_is_the_issue_recipe():
 
 
 def test_overrides_apply_with_or_without_stage_prefix(tmp_path):
-    path = write(tmp_path, "run: a\nsft_lr: 1e-4\ndpo_beta: 0.2\n")
-    cfg = load_stage_config(SFTStageConfig, path, ["lr=3e-4", "lora_rank=8", "model=123", "lora_target_modules=[q_proj]"])
-    assert (cfg.run, cfg.sft_lr, cfg.lora_rank, cfg.model, cfg.lora_target_modules) == ("a", 3e-4, 8, "123", ["q_proj"])
+    path = write(tmp_path, "run: a\nsft_learning_rate: 1e-4\ndpo_beta: 0.2\n")
+    cfg = load_stage_config(SFTStageConfig, path, ["learning_rate=3e-4", "lora_rank=8", "model=123", "lora_target_modules=[q_proj]"])
+    assert (cfg.run, cfg.sft_learning_rate, cfg.lora_rank, cfg.model, cfg.lora_target_modules) == ("a", 3e-4, 8, "123", ["q_proj"])
     assert load_stage_config(DPOStageConfig, path, ["beta=0.3"]).dpo_beta == 0.3
 
 
 def test_yaml_scientific_notation_and_ints_become_floats(tmp_path):
-    cfg = load_stage_config(SFTStageConfig, write(tmp_path, "sft_lr: 2e-4\nsft_epochs: 3\n"))
-    assert cfg.sft_lr == pytest.approx(2e-4) and isinstance(cfg.sft_epochs, float)
+    cfg = load_stage_config(SFTStageConfig, write(tmp_path, "sft_learning_rate: 2e-4\nsft_num_train_epochs: 3\n"))
+    assert cfg.sft_learning_rate == pytest.approx(2e-4) and isinstance(cfg.sft_num_train_epochs, float)
 
 
 def test_unknown_key_names_file_line_and_suggests(tmp_path):
@@ -102,6 +103,19 @@ def test_bad_overrides_are_clear_errors():
         load_stage_config(SFTStageConfig, None, ["backend=cuda"])
     with pytest.raises(ConfigError, match=r"unknown reward \['judge_typo'\]"):
         load_stage_config(GRPOStageConfig, None, ["grpo_reward_weights={judge_typo: 1}"])
+
+
+def test_renamed_keys_name_their_new_name(tmp_path):
+    path = write(tmp_path, "run: a\nlr_scheduler: cosine\n")
+    with pytest.raises(ConfigError, match=r"preset.yaml:2: 'lr_scheduler' was renamed to 'lr_scheduler_type'"):
+        load_stage_config(DPOStageConfig, path)
+    with pytest.raises(ConfigError, match=r"preset.yaml:1: 'grpo_grad_accum' was renamed to 'grpo_gradient_accumulation_steps'"):
+        load_stage_config(SFTStageConfig, write(tmp_path, "grpo_grad_accum: 2\n"))  # also a key another stage read
+    with pytest.raises(ConfigError, match=r"override 'warmup_ratio=0.1': 'warmup_ratio' was renamed to 'warmup_steps'"):
+        load_stage_config(SFTStageConfig, None, ["warmup_ratio=0.1"])
+    with pytest.raises(ConfigError, match=r"override 'epochs=2': 'epochs' was renamed to 'num_train_epochs'"):
+        load_stage_config(GRPOStageConfig, None, ["epochs=2"])
+    assert set(RENAMED.values()) <= all_keys() and not set(RENAMED) & all_keys()
 
 
 def test_not_a_mapping_and_missing_file(tmp_path):

@@ -20,11 +20,11 @@ from brandcopy.demo import (
 
 
 def test_one_override_list_serves_every_stage():
-    overrides = run_overrides("x", "/tmp/runs", ["grpo_max_steps=3", "lr=1e-3", "eval_max_samples=2"])
+    overrides = run_overrides("x", "/tmp/runs", ["grpo_max_steps=3", "learning_rate=1e-3", "eval_max_samples=2"])
     sft = stage_config(SFTStageConfig, "tiny-cpu", overrides)
     grpo = stage_config(GRPOStageConfig, "tiny-cpu", overrides)
-    assert (sft.run, sft.output_root, sft.sft_lr) == ("x", "/tmp/runs", 1e-3)
-    assert (grpo.grpo_max_steps, grpo.grpo_lr) == (3, 1e-3)
+    assert (sft.run, sft.output_root, sft.sft_learning_rate) == ("x", "/tmp/runs", 1e-3)
+    assert (grpo.grpo_max_steps, grpo.grpo_learning_rate) == (3, 1e-3)
     assert str(sft.run_dir) == "/tmp/runs/x"
 
 
@@ -61,9 +61,9 @@ def test_judge_overrides_point_the_judge_at_an_endpoint():
 
 
 def test_demo_command_rejects_a_bad_override_before_any_work(tmp_path):
-    result = CliRunner().invoke(app, ["demo", f"output_root={tmp_path}", "sft_lr=fast"])
+    result = CliRunner().invoke(app, ["demo", f"output_root={tmp_path}", "sft_learning_rate=fast"])
     assert result.exit_code == 2
-    assert "sft_lr" in result.output
+    assert "sft_learning_rate" in result.output
     assert not any(tmp_path.iterdir())
 
 

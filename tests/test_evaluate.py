@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from brandcopy.brand import load_brand  # noqa: E402
 from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config  # noqa: E402
+from brandcopy.display import eval_overview_markdown  # noqa: E402
 from brandcopy.evaluate import judge_endpoint, models_to_evaluate, run_eval  # noqa: E402
 from brandcopy.judge import DIMENSIONS  # noqa: E402
 from brandcopy.mockserver import ScriptedServer, endpoint, read_judge_prompt  # noqa: E402
@@ -134,6 +135,13 @@ def test_garbage_judge_gives_a_partial_report_with_counted_failures(run_root, br
     failures = json.loads((out / "results.json").read_text())["judge_failures"]
     assert failures["single_unparseable"] == 12 and failures["best_of_rounds_unparseable"] == 8
     assert "## Offline metrics" in report  # what did work is still reported
+    results = json.loads((out / "results.json").read_text(), parse_constant=_not_json)  # valid JSON: null, never NaN
+    assert results["position_bias"]["sft"]["agreement"] is None  # no round parsed: nothing measured
+    assert "the orders agreed on –, 0 ties, 4 failed, of 4" in eval_overview_markdown(out)
+
+
+def _not_json(constant: str):
+    raise AssertionError(f"results.json holds {constant}, which is not JSON")
 
 
 def test_judge_without_its_key_leaves_a_partial_report(run_root, brand_dir, tiny_model_dir, monkeypatch):

@@ -93,7 +93,8 @@ def test_improve_makes_onpolicy_pairs_counts_failures_resumes_and_dpo_trains_on_
 
     # The test tokenizer spends ~1500 tokens on a brand prompt, hence the longer max_seq_length.
     dpo = load_stage_config(DPOStageConfig, REPO / "configs" / "tiny-cpu.yaml",
-                            improve_run + ["max_seq_length=2048", "dpo_pairs=onpolicy", "dpo_max_steps=3", "dpo_batch_size=2", "dpo_lr=3e-3"])
+                            improve_run + ["max_seq_length=2048", "dpo_pairs=onpolicy", "dpo_max_steps=3",
+                                           "dpo_per_device_train_batch_size=2", "dpo_learning_rate=3e-3"])
     out = run_dpo(dpo)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert out.name == "dpo-onpolicy" and manifest["pairs"] == "onpolicy" and manifest["train_pairs"] == 4

@@ -13,7 +13,7 @@ from brandcopy.train.dpo import run_dpo
 def test_dpo_from_sft_raises_the_margin(sft_run):
     overrides, _ = sft_run
     cfg = load_stage_config(DPOStageConfig, REPO / "configs" / "tiny-cpu.yaml",
-                            overrides + ["dpo_max_steps=4", "dpo_lr=3e-3"])
+                            overrides + ["dpo_max_steps=4", "dpo_learning_rate=3e-3"])
     out = run_dpo(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     # The reference is a frozen copy of the SFT adapter, so the first loss is exactly -log(sigmoid(0)).

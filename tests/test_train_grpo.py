@@ -20,7 +20,8 @@ def test_grpo_raises_the_format_reward(sft_run, tmp_path):
     overrides, _ = sft_run
     write_jsonl(tmp_path / "grpo_train.jsonl", [grpo_row(p, "social_media_review") for p in products(12)])
     cfg = load_stage_config(GRPOStageConfig, PRESET, overrides + [
-        f"data_dir={tmp_path}", "grpo_max_steps=8", "grpo_lr=3e-3", "grpo_batch_size=8", "grpo_num_generations=8",
+        f"data_dir={tmp_path}", "grpo_max_steps=8", "grpo_learning_rate=3e-3", "grpo_per_device_train_batch_size=8",
+        "grpo_num_generations=8",
         "grpo_max_completion_length=48", "grpo_reward_weights={format: 1.0}"])
     out = run_grpo(cfg)
     rewards = [r["reward"] for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
@@ -33,8 +34,9 @@ def test_grpo_raises_the_format_reward(sft_run, tmp_path):
 
 def test_batch_must_hold_whole_groups_and_some_reward(tmp_path):
     base = [f"output_root={tmp_path}"]
-    with pytest.raises(ConfigError, match=r"grpo_batch_size \(6\) x grpo_grad_accum \(1\) must be a multiple"):
-        run_grpo(load_stage_config(GRPOStageConfig, PRESET, base + ["grpo_batch_size=6"]))
+    with pytest.raises(ConfigError, match=r"grpo_per_device_train_batch_size \(6\) x grpo_gradient_accumulation_steps \(1\) "
+                                          "must be a multiple"):
+        run_grpo(load_stage_config(GRPOStageConfig, PRESET, base + ["grpo_per_device_train_batch_size=6"]))
     zero = "grpo_reward_weights={lint: 0, fact: 0, format: 0, cta: 0, reward_model: 0}"
     with pytest.raises(ConfigError, match="every weight is zero"):
         run_grpo(load_stage_config(GRPOStageConfig, PRESET, base + [zero]))

@@ -15,7 +15,7 @@ from brandcopy.train.reward import run_reward
 def test_reward_model_learns_and_scores_chosen_above_rejected(tiny_model_dir, tmp_path):
     data = write_tiny_data(tmp_path / "t" / "data")
     cfg = load_stage_config(RewardStageConfig, REPO / "configs" / "tiny-cpu.yaml",
-                            tiny_overrides(tmp_path, tiny_model_dir) + ["reward_max_steps=9", "reward_lr=3e-3"])
+                            tiny_overrides(tmp_path, tiny_model_dir) + ["reward_max_steps=9", "reward_learning_rate=3e-3"])
     out = run_reward(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     train_losses = [r["loss"] for r in rows if "loss" in r]

@@ -8,7 +8,6 @@ validated on the same held-out synthetic pairs, ``preference_val.jsonl``. The re
 frozen copy of the starting adapter (TRL adds it as the ``ref`` adapter), not the bare base.
 """
 
-import logging
 from pathlib import Path
 
 # trl.<Name> is looked up when a stage runs, not bound at import: importing unsloth (first, on the
@@ -18,25 +17,17 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.run import (
-    DATA_KINDS,
-    MetricsCallback,
-    begin_stage,
+from brandcopy.run import DATA_KINDS, MetricsCallback, begin_stage, data_file, finish_stage, read_jsonl, require_stage
+from brandcopy.train.common import (
     changed_params,
-    data_file,
     final_eval,
-    finish_stage,
     load_split,
     param_fingerprint,
-    read_jsonl,
-    require_stage,
     save_adapter,
-    training_args,
+    trl_config,
 )
 
 __all__ = ["DPOStageConfig", "run_dpo", "dpo_config"]
-
-logger = logging.getLogger(__name__)
 
 PAIR_FILES = {"synthetic": ("preference",), "onpolicy": ("preference_onpolicy",), "both": ("preference", "preference_onpolicy")}
 
@@ -55,15 +46,9 @@ def train_pairs(cfg: DPOStageConfig):
 
 
 def dpo_config(cfg: DPOStageConfig) -> "trl.DPOConfig":
-    """The TRL DPOConfig for a stage config."""
-    return trl.DPOConfig(
-        **training_args(cfg, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, max_steps=cfg.dpo_max_steps,
-                        batch_size=cfg.dpo_batch_size, grad_accum=cfg.dpo_grad_accum),
-        beta=cfg.dpo_beta,
-        max_length=cfg.max_seq_length,
-        eval_strategy="steps",
-        eval_steps=cfg.save_steps,
-    )
+    """The TRL DPOConfig for a stage config (``dpo_beta`` and the other TRL-named keys passed through)."""
+    return trl_config(trl.DPOConfig, cfg, max_length=cfg.max_seq_length, eval_strategy="steps",
+                      eval_steps=cfg.save_steps)
 
 
 def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:

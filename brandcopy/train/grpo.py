@@ -19,19 +19,8 @@ from brandcopy.judge import judge_config
 from brandcopy.llm import LLMConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
 from brandcopy.rewards import JUDGE_CONCURRENCY, REWARD_FUNCTIONS, cached_judge_client, judge_spec
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
-    changed_params,
-    data_file,
-    finish_stage,
-    load_split,
-    param_fingerprint,
-    require_stage,
-    save_adapter,
-    stage_dir,
-    training_args,
-)
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage, require_stage, stage_dir
+from brandcopy.train.common import changed_params, load_split, param_fingerprint, save_adapter, trl_config
 
 __all__ = ["GRPOStageConfig", "run_grpo", "grpo_config", "active_rewards", "judge_endpoint"]
 
@@ -48,15 +37,16 @@ def check_batch(cfg: GRPOStageConfig) -> None:
     """GRPO scores completions in groups: a batch must hold whole groups.
 
     Raises:
-        ConfigError: ``grpo_batch_size * grpo_grad_accum`` is not a multiple of ``grpo_num_generations``,
-            or fewer than 2 generations (no group to compare).
+        ConfigError: ``grpo_per_device_train_batch_size * grpo_gradient_accumulation_steps`` is not a
+            multiple of ``grpo_num_generations``, or fewer than 2 generations (no group to compare).
     """
     if cfg.grpo_num_generations < 2:
         raise ConfigError(f"grpo_num_generations={cfg.grpo_num_generations}: GRPO needs at least 2 per prompt")
-    if (cfg.grpo_batch_size * cfg.grpo_grad_accum) % cfg.grpo_num_generations:
+    batch, accumulation = cfg.grpo_per_device_train_batch_size, cfg.grpo_gradient_accumulation_steps
+    if (batch * accumulation) % cfg.grpo_num_generations:
         raise ConfigError(
-            f"grpo_batch_size ({cfg.grpo_batch_size}) x grpo_grad_accum ({cfg.grpo_grad_accum}) must be a multiple "
-            f"of grpo_num_generations ({cfg.grpo_num_generations})"
+            f"grpo_per_device_train_batch_size ({batch}) x grpo_gradient_accumulation_steps ({accumulation}) must be "
+            f"a multiple of grpo_num_generations ({cfg.grpo_num_generations})"
         )
 
 
@@ -72,20 +62,9 @@ def check_vllm(cfg: GRPOStageConfig) -> None:
 
 
 def grpo_config(cfg: GRPOStageConfig) -> "trl.GRPOConfig":
-    """The TRL GRPOConfig for a stage config."""
+    """The TRL GRPOConfig for a stage config (``grpo_num_generations``, ``grpo_use_vllm``, ... passed through)."""
     _, weights = active_rewards(cfg)
-    return trl.GRPOConfig(
-        **training_args(cfg, lr=cfg.grpo_lr, epochs=cfg.grpo_epochs, max_steps=cfg.grpo_max_steps,
-                        batch_size=cfg.grpo_batch_size, grad_accum=cfg.grpo_grad_accum),
-        num_generations=cfg.grpo_num_generations,
-        max_completion_length=cfg.grpo_max_completion_length,
-        temperature=cfg.grpo_temperature,
-        beta=cfg.grpo_beta,
-        reward_weights=weights,
-        use_vllm=cfg.grpo_use_vllm,
-        vllm_mode=cfg.grpo_vllm_mode,
-        vllm_gpu_memory_utilization=cfg.grpo_vllm_gpu_memory_utilization,
-    )
+    return trl_config(trl.GRPOConfig, cfg, reward_weights=weights)  # TRL's list, in the order of the reward functions
 
 
 def fast_inference_share(cfg: GRPOStageConfig) -> float | None:

@@ -21,16 +21,8 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import RewardStageConfig
 from brandcopy.modeling import bnb_4bit_config, default_dtype, process_device
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
-    changed_params,
-    data_file,
-    finish_stage,
-    load_split,
-    param_fingerprint,
-    training_args,
-)
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
+from brandcopy.train.common import changed_params, load_split, param_fingerprint, trl_config
 
 __all__ = ["RewardStageConfig", "run_reward", "load_reward_model", "score_conversations", "pairwise_accuracy"]
 
@@ -43,14 +35,8 @@ def reward_lora(cfg: RewardStageConfig) -> LoraConfig:
 
 def reward_config(cfg: RewardStageConfig) -> "trl.RewardConfig":
     """The TRL RewardConfig for a stage config."""
-    return trl.RewardConfig(
-        **training_args(cfg, lr=cfg.reward_lr, epochs=cfg.reward_epochs, max_steps=cfg.reward_max_steps,
-                        batch_size=cfg.reward_batch_size, grad_accum=cfg.reward_grad_accum),
-        max_length=cfg.max_seq_length,
-        eval_strategy="steps",
-        eval_steps=cfg.save_steps,
-        model_init_kwargs={"dtype": default_dtype()},
-    )
+    return trl_config(trl.RewardConfig, cfg, max_length=cfg.max_seq_length, eval_strategy="steps",
+                      eval_steps=cfg.save_steps, model_init_kwargs={"dtype": default_dtype()})
 
 
 @torch.no_grad()

@@ -16,17 +16,14 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import SFTStageConfig, atomic_write_text
 from brandcopy.modeling import check_training_example, fix_special_tokens, load_model, save_tokenizer
-from brandcopy.run import (
-    MetricsCallback,
-    begin_stage,
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
+from brandcopy.train.common import (
     changed_params,
-    data_file,
     final_eval,
-    finish_stage,
     load_split,
     lora_settings,
     param_fingerprint,
-    training_args,
+    trl_config,
 )
 
 __all__ = ["SFTStageConfig", "run_sft", "sft_config", "sft_trainer"]
@@ -35,18 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 def sft_config(cfg: SFTStageConfig) -> "trl.SFTConfig":
-    """The TRL SFTConfig for a stage config."""
-    return trl.SFTConfig(
-        **training_args(cfg, lr=cfg.sft_lr, epochs=cfg.sft_epochs, max_steps=cfg.sft_max_steps,
-                        batch_size=cfg.sft_batch_size, grad_accum=cfg.sft_grad_accum),
-        max_length=cfg.max_seq_length,
-        assistant_only_loss=True,
-        packing=cfg.sft_packing,
-        packing_strategy="bfd",
-        eval_strategy="steps" if cfg.sft_eval else "no",
-        eval_steps=cfg.save_steps,
-        dataset_num_proc=None,
-    )
+    """The TRL SFTConfig for a stage config (``sft_packing`` and the other TRL-named keys passed through)."""
+    return trl_config(trl.SFTConfig, cfg, max_length=cfg.max_seq_length, assistant_only_loss=True,
+                      packing_strategy="bfd", eval_strategy="steps" if cfg.sft_eval else "no",
+                      eval_steps=cfg.save_steps, dataset_num_proc=None)
 
 
 def sft_trainer(cfg: SFTStageConfig, model, tokenizer, train, val=None, callbacks: list | tuple = ()) -> "trl.SFTTrainer":

@@ -27,7 +27,7 @@ def sft_config(tmp_path: Path, model_dir, *extra: str) -> SFTStageConfig:
     return load_stage_config(SFTStageConfig, PRESET, tiny_overrides(tmp_path, model_dir) + ["sft_eval=false", *extra])
 
 
-def test_failed_rerun_leaves_the_finished_stage_byte_identical(tiny_model_dir, tmp_path, capsys):
+def test_failed_rerun_leaves_the_finished_stage_byte_identical(tiny_model_dir, tmp_path, capsys, monkeypatch):
     write_tiny_data(tmp_path / "t" / "data")
     finished = run_sft(sft_config(tmp_path, tiny_model_dir, "sft_max_steps=2"))
     before = stage_files(finished)
@@ -37,6 +37,18 @@ def test_failed_rerun_leaves_the_finished_stage_byte_identical(tiny_model_dir, t
         run_sft(sft_config(tmp_path, tiny_model_dir, "sft_max_steps=3", f"model={tmp_path / 'mistyped'}"))
     assert stage_files(finished) == before  # manifest, metrics, adapter, config: not a byte changed
     assert "holds a finished run; it stays untouched" in capsys.readouterr().out
+
+    def trainer_fails(*args, **kwargs):  # the rerun gets past loading and the rendered example, then fails
+        raise RuntimeError("trainer could not be built")
+
+    train_file = tmp_path / "t" / "data" / "sft_train.jsonl"
+    rows = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    train_file.write_text("".join(reversed(rows)), encoding="utf-8")  # another first example to render
+    with monkeypatch.context() as patch:
+        patch.setattr("brandcopy.train.sft.sft_trainer", trainer_fails)
+        with pytest.raises(RuntimeError, match="could not be built"):
+            run_sft(sft_config(tmp_path, tiny_model_dir, "sft_max_steps=3"))
+    assert stage_files(finished) == before  # training_example.txt too: it is written after training
 
     rerun = run_sft(sft_config(tmp_path, tiny_model_dir, "sft_max_steps=3"))  # a good rerun replaces it
     assert "replacing the finished run" in capsys.readouterr().out

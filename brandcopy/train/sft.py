@@ -73,13 +73,14 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     changes = fix_special_tokens(model, tokenizer)
     logger.info("fix_special_tokens changed: %s", changes or "nothing")
     report = check_training_example(tokenizer, train[0])
-    atomic_write_text(cfg.out_dir / "training_example.txt", str(report))  # same text from every process
     logger.info("training example, trained spans in [[ ]]:\n%s", report)
     trainer = sft_trainer(cfg, model, tokenizer, train, val, callbacks)
     before = param_fingerprint(model)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = final_eval(trainer) if val is not None else {}
     changed = changed_params(before, model)
+    # written after training: a rerun that fails before training leaves a finished stage untouched
+    atomic_write_text(cfg.out_dir / "training_example.txt", str(report))  # same text from every process
     trainer.save_model(str(cfg.out_dir))  # writes from the main process only
     if trainer.is_world_process_zero():
         save_tokenizer(tokenizer, cfg.out_dir)  # plain chat template, as the base shipped it

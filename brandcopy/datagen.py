@@ -523,10 +523,16 @@ def export(brand, samples_path: str | Path, data_dir: str | Path, negatives_path
         path = data_dir / f"{name}.jsonl"
         write_jsonl_atomic(path, records)
         written[name] = path
-    info = _dataset_info([name.split("/")[1] for name in written if name.startswith("llamafactory/")])
+    names = {name.split("/")[1] for name in written if name.startswith("llamafactory/")}
+    # on-policy pairs (``brandcopy data improve``) live beside these files: a re-export keeps their entries
+    names |= {path.stem for path in (data_dir / "llamafactory").glob(f"{ONPOLICY_PREFIX}*.jsonl")}
+    info = dataset_info(sorted(names))
     atomic_write_text(data_dir / "llamafactory" / "dataset_info.json", json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     written["dataset_info"] = data_dir / "llamafactory" / "dataset_info.json"
     return written
+
+
+ONPOLICY_PREFIX = "dpo_onpolicy_"  # LLaMA-Factory on-policy pair files that ``improve`` writes
 
 
 def _alpaca(messages: list[dict]) -> dict:
@@ -541,7 +547,7 @@ def _sharegpt(messages: list[dict]) -> dict:
     return {"conversations": turns, "system": messages[0]["content"]}
 
 
-def _dataset_info(names: list[str]) -> dict:
+def dataset_info(names: list[str]) -> dict:
     """LLaMA-Factory's dataset_info.json entries for the files written (name without .jsonl)."""
     info = {}
     for name in names:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from brandcopy import prompts
 from brandcopy.config import atomic_write_text
+from brandcopy.datagen import ONPOLICY_PREFIX, dataset_info
 from brandcopy.generation import GenerationParams, generate_batch
 from brandcopy.judge import SYSTEM_PROMPT, JudgeParseError, _rubric, fact_sheet, parse_json_object
 from brandcopy.lint import lint_text
@@ -271,21 +272,18 @@ def write_pairs(brand, pairs: list[dict], data_dir: Path, split: str) -> dict[st
                         "chosen": p["chosen"], "rejected": p["rejected"], "source": "onpolicy"})
     paths = {"onpolicy": data_dir / f"onpolicy_{split}.jsonl",
              "preference_onpolicy": data_dir / f"preference_onpolicy_{split}.jsonl",
-             "llamafactory": data_dir / "llamafactory" / f"dpo_onpolicy_{split}.jsonl"}
+             "llamafactory": data_dir / "llamafactory" / f"{ONPOLICY_PREFIX}{split}.jsonl"}
     write_jsonl_atomic(paths["onpolicy"], pairs)
     write_jsonl_atomic(paths["preference_onpolicy"], trl_rows)
     write_jsonl_atomic(paths["llamafactory"], lf_rows)
-    paths["dataset_info"] = _add_dataset_info(data_dir / "llamafactory" / "dataset_info.json", f"dpo_onpolicy_{split}")
+    paths["dataset_info"] = _add_dataset_info(data_dir / "llamafactory" / "dataset_info.json", f"{ONPOLICY_PREFIX}{split}")
     return paths
 
 
 def _add_dataset_info(path: Path, name: str) -> Path:
     """Adds the on-policy file to LLaMA-Factory's dataset_info.json, keeping the entries ``export`` wrote."""
     info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    info[f"brandcopy_{name}"] = {"file_name": f"{name}.jsonl", "ranking": True,
-                                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
-                                             "rejected": "rejected", "system": "system"}}
-    return atomic_write_text(path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(info | dataset_info([name]), ensure_ascii=False, indent=2) + "\n")
 
 
 @dataclass

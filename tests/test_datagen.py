@@ -257,3 +257,18 @@ def test_cli_pipeline_with_a_key_that_never_reaches_files_or_logs(tmp_path, bran
     monkeypatch.delenv("BRANDCOPY_TEST_KEY")
     missing = runner.invoke(app, ["data", "generate", *common, *llm])
     assert missing.exit_code == 2 and "BRANDCOPY_TEST_KEY is not set" in missing.output
+
+
+def test_a_re_export_keeps_the_on_policy_pairs_entry(tmp_path, brand, golden):
+    from brandcopy.improve import _add_dataset_info
+
+    datagen.export(brand, brand.path / "golden.jsonl", tmp_path)
+    onpolicy = tmp_path / "llamafactory" / "dpo_onpolicy_train.jsonl"
+    onpolicy.write_text('{"instruction": "写", "input": "", "system": "s", "chosen": "好", "rejected": "差"}\n', encoding="utf-8")
+    _add_dataset_info(tmp_path / "llamafactory" / "dataset_info.json", "dpo_onpolicy_train")
+    written = datagen.export(brand, brand.path / "golden.jsonl", tmp_path)  # new golden copy: export again
+    info = json.loads(written["dataset_info"].read_text(encoding="utf-8"))
+    assert info["brandcopy_dpo_onpolicy_train"] == {
+        "file_name": "dpo_onpolicy_train.jsonl", "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected", "system": "system"}}
+    assert "brandcopy_sft_train" not in info and "brandcopy_alpaca_train" in info

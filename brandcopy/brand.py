@@ -6,7 +6,6 @@ once written, ``golden.jsonl``); the nine content types are shared by every bran
 file, the line and the field. See docs/architecture.md for the data contracts.
 """
 
-import json
 import math
 import random
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from brandcopy.config import NotUTF8Error, read_text
+from brandcopy.files import DataFileError, NotUTF8Error, parse_jsonl, read_text
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CONTENT_TYPES_PATH = DATA_DIR / "content_types.yaml"
@@ -26,13 +25,8 @@ FACT_TYPES = ("number", "enum", "set", "text")
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?\+?$")  # a number fact written as a string: "50+" (at least 50)
 
 
-class BrandDataError(ValueError):
+class BrandDataError(DataFileError):
     """Bad brand data or bad records: says which file, line and field."""
-
-    def __init__(self, path, line, field_name, message):
-        self.path, self.line, self.field = str(path), line, field_name
-        where = f"{self.path}:{line}" if line else self.path
-        super().__init__(f"{where}: field '{field_name}': {message}" if field_name else f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -512,18 +506,13 @@ def _claim_lexicon(data, path):
 # --- products.jsonl -----------------------------------------------------------------------
 
 
-def _read_jsonl(path):
-    """Yields (line number, object) for each non-blank line; raises on malformed JSON."""
-    for number, line in enumerate(_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BrandDataError(path, number, None, f"malformed JSON line: {err.msg} (column {err.colno})") from err
-        if not isinstance(obj, dict):
-            raise BrandDataError(path, number, None, "expected a JSON object")
-        yield number, obj
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line (``files.parse_jsonl``), errors as BrandDataError."""
+    text = _text(path)
+    try:
+        return parse_jsonl(path, text)
+    except DataFileError as err:
+        raise BrandDataError(path, err.line, None, f"malformed JSON line: {err.reason}") from None
 
 
 def _text(path):

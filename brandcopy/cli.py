@@ -281,7 +281,8 @@ def _run_stage(config_cls: str, run_fn: str, module: str, config: str, overrides
     cfg = _stage_config_or_exit(getattr(config_module, config_cls), config, overrides)
     stage = importlib.import_module(f"brandcopy.train.{module}")
     from brandcopy.modeling import TrainingExampleError
-    from brandcopy.run import DataFileError, StageInputError
+    from brandcopy.files import DataFileError
+    from brandcopy.run import StageInputError
 
     with _bad_input(config_module.ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
         out = getattr(stage, run_fn)(cfg)

@@ -15,7 +15,7 @@ from brandcopy.datagen import mock_llm
 from brandcopy.demo import build_data
 from brandcopy.judge import JudgeItem, best_of_messages, single_messages
 from brandcopy.lint import FACT_KINDS, lint_records, lint_text
-from brandcopy.modeling import build_tiny_model
+from brandcopy.tiny import build_tiny_model
 from brandcopy.run import read_metrics
 from brandcopy.train.sft import run_sft
 

@@ -28,7 +28,7 @@ from brandcopy.run import (
     finish_stage,
     load_split,
     param_fingerprint,
-    read_jsonl,
+    read_data_file,
     require_stage,
     save_adapter,
     training_args,
@@ -50,7 +50,7 @@ def train_pairs(cfg: DPOStageConfig):
     from datasets import Dataset
 
     fields = DATA_KINDS["preference"]
-    rows = [row for kind in PAIR_FILES[cfg.dpo_pairs] for row in read_jsonl(data_file(cfg.data_path, kind, "train"), fields)]
+    rows = [row for kind in PAIR_FILES[cfg.dpo_pairs] for row in read_data_file(data_file(cfg.data_path, kind, "train"), fields)]
     return Dataset.from_list([{name: row[name] for name in fields} for row in rows])
 
 

@@ -31,6 +31,7 @@ from brandcopy.config import (
     SFTStageConfig,
     load_stage_config,
 )
+from brandcopy.tiny import QWEN25_CHAT_TEMPLATE
 
 TINY = REPO / "configs" / "tiny-cpu.yaml"
 PRESET_7B = REPO / "configs" / "qwen2.5-7b-24gb.yaml"

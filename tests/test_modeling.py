@@ -1,4 +1,4 @@
-"""brandcopy.modeling: tiny model, loading on both backends, the EOS/pad/template fix and its check."""
+"""brandcopy.modeling: loading on both backends, the EOS/pad/template fix and its check."""
 
 import json
 import logging
@@ -11,9 +11,8 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Qwen2Config
-from transformers import Qwen2ForCausalLM, Qwen2Tokenizer
+from tokenizers import pre_tokenizers
+from transformers import DataCollatorForLanguageModeling, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from brandcopy.backend import resolve_backend

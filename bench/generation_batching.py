@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from brandcopy.brand import load_brand  # noqa: E402
 from brandcopy.demo import repo_texts  # noqa: E402
 from brandcopy.generation import GenerationParams, render_prompts, timed_generate  # noqa: E402
-from brandcopy.modeling import build_tiny_model, load_model  # noqa: E402
+from brandcopy.modeling import load_model  # noqa: E402
+from brandcopy.tiny import build_tiny_model  # noqa: E402
 from brandcopy.prompts import chat_messages  # noqa: E402
 
 

@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from brandcopy.brand import load_brand, load_golden  # noqa: E402
 from brandcopy.config import SFTStageConfig, load_stage_config  # noqa: E402
 from brandcopy.demo import repo_texts  # noqa: E402
-from brandcopy.modeling import build_tiny_model, fix_special_tokens, load_model  # noqa: E402
+from brandcopy.modeling import fix_special_tokens, load_model  # noqa: E402
+from brandcopy.tiny import build_tiny_model  # noqa: E402
 from brandcopy.prompts import chat_messages  # noqa: E402
 from brandcopy.train.common import load_split, lora_settings  # noqa: E402
 from brandcopy.train.sft import sft_trainer  # noqa: E402

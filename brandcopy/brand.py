@@ -6,7 +6,6 @@ once written, ``golden.jsonl``); the nine content types are shared by every bran
 file, the line and the field. See docs/architecture.md for the data contracts.
 """
 
-import json
 import math
 import random
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from brandcopy.config import NotUTF8Error, read_text
+from brandcopy.files import DataFileError, NotUTF8Error, parse_jsonl, read_text
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CONTENT_TYPES_PATH = DATA_DIR / "content_types.yaml"
@@ -26,13 +25,8 @@ FACT_TYPES = ("number", "enum", "set", "text")
 _NUMBER = re.compile(r"^\d+(?:\.\d+)?\+?$")  # a number fact written as a string: "50+" (at least 50)
 
 
-class BrandDataError(ValueError):
+class BrandDataError(DataFileError):
     """Bad brand data or bad records: says which file, line and field."""
-
-    def __init__(self, path, line, field_name, message):
-        self.path, self.line, self.field = str(path), line, field_name
-        where = f"{self.path}:{line}" if line else self.path
-        super().__init__(f"{where}: field '{field_name}': {message}" if field_name else f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +77,11 @@ class FactSpec:
     join: str = "、"
 
     @property
-    def unit(self):
+    def unit(self) -> str:
         """The unit as prompts write it ('' when the fact has none)."""
         return self.units[0] if self.units else ""
 
-    def display(self, value):
+    def display(self, value: float | str | tuple | list) -> str:
         """A product's value of this fact as prompts and lint messages write it: ``1200米``, ``85–90℃``."""
         if self.type == "number":
             if isinstance(value, tuple):
@@ -156,11 +150,11 @@ class Product:
     schema: "ProductSchema" = field(compare=False, repr=False, default=None)
 
     @property
-    def materials(self):
+    def materials(self) -> tuple[Material, ...]:
         """Every material of every part, in order."""
         return tuple(m for part in self.composition for m in part.materials)
 
-    def material(self, name):
+    def material(self, name: str) -> Material | None:
         """Returns the product's Material called ``name`` (canonical name), or None."""
         return next((m for m in self.materials if m.name == name), None)
 
@@ -214,30 +208,30 @@ class Brand:
     content_types: dict[str, ContentType] = field(default_factory=dict)
 
     @property
-    def wording(self):
+    def wording(self) -> Wording:
         return self.schema.wording
 
     @property
-    def composition(self):
+    def composition(self) -> CompositionSpec:
         return self.schema.composition
 
     @property
-    def facts(self):
+    def facts(self) -> dict[str, FactSpec]:
         return self.schema.facts
 
-    def product(self, product_id):
+    def product(self, product_id: str) -> Product:
         """Returns the Product with this id; raises KeyError naming the id when unknown."""
         if product_id not in self.products:
             raise KeyError(f"unknown product_id {product_id!r} for brand {self.name}")
         return self.products[product_id]
 
-    def content_type(self, content_type):
+    def content_type(self, content_type: str) -> ContentType:
         """Returns the ContentType with this id; raises KeyError naming the id when unknown."""
         if content_type not in self.content_types:
             raise KeyError(f"unknown content_type {content_type!r}; known: {', '.join(self.content_types)}")
         return self.content_types[content_type]
 
-    def split(self):
+    def split(self) -> dict[str, list[str]]:
         """Deterministic product-level split: ``{"train": [ids], "val": [ids]}``, both sorted.
 
         Product ids are sorted, shuffled with ``split_seed``, and the first
@@ -321,7 +315,7 @@ def _compile(pattern, path, line, name):
 # --- content types ------------------------------------------------------------------------
 
 
-def load_content_types(path=CONTENT_TYPES_PATH):
+def load_content_types(path: str | Path = CONTENT_TYPES_PATH) -> dict[str, ContentType]:
     """Loads and validates the shared content types.
 
     Args:
@@ -512,18 +506,13 @@ def _claim_lexicon(data, path):
 # --- products.jsonl -----------------------------------------------------------------------
 
 
-def _read_jsonl(path):
-    """Yields (line number, object) for each non-blank line; raises on malformed JSON."""
-    for number, line in enumerate(_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BrandDataError(path, number, None, f"malformed JSON line: {err.msg} (column {err.colno})") from err
-        if not isinstance(obj, dict):
-            raise BrandDataError(path, number, None, "expected a JSON object")
-        yield number, obj
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line (``files.parse_jsonl``), errors as BrandDataError."""
+    text = _text(path)
+    try:
+        return parse_jsonl(path, text)
+    except DataFileError as err:
+        raise BrandDataError(path, err.line, None, f"malformed JSON line: {err.reason}") from None
 
 
 def _text(path):
@@ -650,7 +639,7 @@ def _product(obj, path, number, schema, claim_lexicon):
     )
 
 
-def load_products(path, schema, claim_lexicon):
+def load_products(path: str | Path, schema: ProductSchema, claim_lexicon: dict[str, list[str]]) -> dict[str, Product]:
     """Loads products.jsonl, checking composition, facts and claims against the brand's schema.
 
     Args:
@@ -679,7 +668,7 @@ def load_products(path, schema, claim_lexicon):
 # --- entry points -------------------------------------------------------------------------
 
 
-def brand_dir(name_or_path):
+def brand_dir(name_or_path: str | Path) -> Path:
     """Resolves a brand name under data/brands/ or a folder path to the brand folder."""
     candidate = Path(name_or_path)
     if candidate.is_dir():
@@ -690,7 +679,7 @@ def brand_dir(name_or_path):
     return folder
 
 
-def load_brand(name_or_path):
+def load_brand(name_or_path: str | Path) -> Brand:
     """Loads a brand folder and the shared content types.
 
     Args:
@@ -713,7 +702,7 @@ def load_brand(name_or_path):
     return Brand(path=folder, products=products, content_types=content_types, **fields)
 
 
-def read_records(path, brand, require_text=True):
+def read_records(path: str | Path, brand: Brand, require_text: bool = True) -> list[tuple[int, dict]]:
     """Reads and validates JSONL records that name a content type and optionally a product.
 
     Every line is validated before anything is returned, so a caller never acts on part of a
@@ -744,7 +733,7 @@ def read_records(path, brand, require_text=True):
     return records
 
 
-def load_golden(brand):
+def load_golden(brand: Brand) -> list[dict]:
     """Loads ``golden.jsonl`` of a brand: records with id, product_id, content_type, instruction, text.
 
     Raises:

@@ -276,7 +276,8 @@ def _run_stage(run_stage, cfg) -> None:
     """
     from brandcopy.config import ConfigError
     from brandcopy.modeling import TrainingExampleError
-    from brandcopy.run import DataFileError, StageInputError
+    from brandcopy.files import DataFileError
+    from brandcopy.run import StageInputError
 
     with _bad_input(ConfigError, StageInputError, DataFileError, TrainingExampleError, FileNotFoundError, ImportError):
         out = run_stage(cfg)
@@ -487,7 +488,6 @@ def _write_source(cfg, model: str) -> str:
 
 def _write_reward_model(cfg, reward_model: str):
     """The reward model ranking clean candidates: the run's finished reward stage unless told otherwise."""
-    from pathlib import Path
 
     from brandcopy.run import is_complete
 

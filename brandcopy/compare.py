@@ -14,7 +14,6 @@ prompt and model with the lint findings).
 
 import contextlib
 import gc
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from brandcopy.brand import load_golden
-from brandcopy.config import atomic_write_text
+from brandcopy.files import DataFileError, atomic_write_jsonl, atomic_write_text, jsonl_rows
 from brandcopy.generation import GenerationParams, generate_batch
 from brandcopy.ifeval import load_prompts as load_ifeval_prompts
 from brandcopy.lint import lint_text
@@ -95,16 +94,14 @@ def file_prompts(path: Path, brand) -> list[ComparePrompt]:
     Raises:
         CompareInputError: A line that is not JSON or lacks what it needs (file, line, field).
     """
+    try:
+        rows = jsonl_rows(path)
+    except DataFileError as err:
+        raise CompareInputError(str(err)) from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in rows:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CompareInputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not row.get("id"):
+        if not row.get("id"):
             raise CompareInputError(f"{where}: field 'id' is missing")
         ct, pid = row.get("content_type"), row.get("product_id")
         if ct is not None and ct not in brand.content_types:
@@ -267,6 +264,6 @@ def run_compare(brand, specs: list[ModelSpec], base_model: str | Path, prompts: 
              "stopped": outputs[label][i].stopped, "lint": [v.to_dict() for v in lint[label][i]]}
             for i, p in enumerate(prompts) for label in labels]
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "compare.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_jsonl(out_dir / "compare.jsonl", rows)
     return atomic_write_text(out_dir / "compare.md", render(brand.name, specs, base_model, prompts, outputs, lint,
                                                             params, prompt_set, started))

@@ -18,9 +18,6 @@ stage prefix may be left out: ``brandcopy train sft learning_rate=1e-4`` sets ``
 
 import dataclasses
 import difflib
-import os
-import secrets
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +26,9 @@ from typing import ClassVar
 
 import yaml
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from brandcopy.files import NotUTF8Error, atomic_write_text, read_text
+
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DPO_FOLDERS = {"synthetic": "dpo", "onpolicy": "dpo-onpolicy", "both": "dpo-both"}  # dpo_pairs -> stage folder
 REWARD_NAMES = ("lint", "fact", "format", "cta", "reward_model", "judge")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio", "mlflow", "swanlab", "comet_ml", "all")  # transformers' integrations
@@ -70,7 +69,7 @@ class CommonConfig:
     lora_rank: int = 64
     lora_alpha: int = 128
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     lora_modules_to_save: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = True
     optim: str = "adamw_8bit"
@@ -423,56 +422,3 @@ def save_config(cfg, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); ``load_stage_config`` reads it back."""
     text = f"# resolved {type(cfg).__name__}\n" + yaml.safe_dump(config_dict(cfg), sort_keys=False, allow_unicode=True)
     return atomic_write_text(path, text)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so no reader sees half a file.
-
-    The file gets the mode any other new file gets (0666 less the umask), not ``mkstemp``'s 0600:
-    tools run as another user (LLaMA-Factory in a container) must be able to read it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def weights_follow_umask(folder: str | Path, reference: str | Path) -> None:
-    """Give every ``*.safetensors`` file under ``folder`` the mode of ``reference`` (a file written with plain ``open``).
-
-    safetensors creates its files with mode 0600 whatever the umask, so weights saved by
-    ``save_pretrained`` could not be read by a tool run as another user (a container, a shared folder).
-    """
-    mode = stat.S_IMODE(Path(reference).stat().st_mode)
-    for path in Path(folder).rglob("*.safetensors"):
-        path.chmod(mode)
-
-
-class NotUTF8Error(ValueError):
-    """A text input file is not UTF-8 (GBK from a Chinese Windows editor, or a binary file)."""
-
-    def __init__(self, path, line: int, reason: str):
-        self.path, self.line, self.reason = str(path), line, reason
-        super().__init__(f"{path}:{line}: {reason}")
-
-
-def read_text(path: str | Path) -> str:
-    """Read a UTF-8 text file; a leading byte-order mark (Windows Notepad's UTF-8) is dropped.
-
-    Raises:
-        NotUTF8Error: The bytes are not UTF-8; the message names the file and the first bad line.
-        OSError: The file cannot be read.
-    """
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        if err.reason == "unexpected end of data":
-            raise NotUTF8Error(path, line, "the file ends in the middle of a character: it was cut off (truncated)") from None
-        raise NotUTF8Error(path, line, f"not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}: "
-                                       "GBK or a binary file?); save it as UTF-8") from None

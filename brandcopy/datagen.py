@@ -31,9 +31,9 @@ from pathlib import Path
 
 from brandcopy import prompts
 from brandcopy.brand import load_golden, read_records
-from brandcopy.config import atomic_write_text
+from brandcopy.files import atomic_write_jsonl, atomic_write_text
 from brandcopy.lint import CTA_KIND, EXAGGERATION_KINDS, FACT_KINDS, MARKUP_KIND, lint_text, name_spans
-from brandcopy.llm import LLMClient, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
+from brandcopy.llm import LLMClient, Request, RunSummary, read_jsonl_records, run_requests
 
 LLM_NEGATIVE_MIX = {"weak": 0.5, "exaggerated": 0.3, "fake": 0.2}
 
@@ -142,7 +142,7 @@ def generate(client: LLMClient, brand, data_dir: str | Path, split: str = "train
     )
     results = sorted(read_jsonl_records(data_dir / "generate" / "results.jsonl"), key=lambda r: r["key"])
     samples = [_sample(brand, r["key"], r["meta"]["product_id"], r["meta"]["content_type"], r["text"], source="generate") for r in results]
-    write_jsonl_atomic(data_dir / "generated.jsonl", samples)
+    atomic_write_jsonl(data_dir / "generated.jsonl", samples)
     return summary
 
 
@@ -232,8 +232,8 @@ def clean(client: LLMClient, brand, in_path: str | Path, data_dir: str | Path, p
         problems = lint_problems(brand, texts[s["id"]], s["content_type"], s["product_id"])
         cleaned = s | {"text": texts[s["id"]], "audit": audit[s["id"]]}
         (rejected if problems else kept).append(cleaned | ({"problems": problems} if problems else {}))
-    write_jsonl_atomic(data_dir / "clean" / "rejected.jsonl", rejected)
-    write_jsonl_atomic(data_dir / "cleaned.jsonl", kept)
+    atomic_write_jsonl(data_dir / "clean" / "rejected.jsonl", rejected)
+    atomic_write_jsonl(data_dir / "cleaned.jsonl", kept)
     return report | {"kept": len(kept), "rejected": len(rejected)}
 
 
@@ -469,7 +469,7 @@ def make_negatives(client: LLMClient | None, brand, in_path: str | Path, data_di
                 kinds = violation_kinds(brand, record["text"], meta["content_type"], meta["product_id"])
                 negatives.append(_negative(by_id[meta["chosen_id"]], f"llm_{meta['family']}", meta["family"], "llm", record["text"], kinds))
     negatives.sort(key=lambda n: n["id"])
-    write_jsonl_atomic(data_dir / "negatives.jsonl", negatives)
+    atomic_write_jsonl(data_dir / "negatives.jsonl", negatives)
     counts = defaultdict(int)
     for negative in negatives:
         counts[negative["kind"]] += 1
@@ -521,7 +521,7 @@ def export(brand, samples_path: str | Path, data_dir: str | Path, negatives_path
     written = {}
     for name, records in sorted(rows.items()):
         path = data_dir / f"{name}.jsonl"
-        write_jsonl_atomic(path, records)
+        atomic_write_jsonl(path, records)
         written[name] = path
     names = {name.split("/")[1] for name in written if name.startswith("llamafactory/")}
     # on-policy pairs (``brandcopy data improve``) live beside these files: a re-export keeps their entries

@@ -21,17 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brandcopy.bootstrap import default_output_root
-from brandcopy.config import (
-    DPOStageConfig,
-    EvalStageConfig,
-    GRPOStageConfig,
-    MergeStageConfig,
-    RewardStageConfig,
-    SFTStageConfig,
-    config_keys,
-    load_stage_config,
-    parse_override,
-)
+from brandcopy.config import STAGE_CONFIGS, EvalStageConfig, config_keys, load_stage_config, parse_override
+from brandcopy.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml")
@@ -44,8 +35,7 @@ GPU_PRESET = "qwen2.5-7b-24gb"
 GPU_PRESETS = ((22.0, GPU_PRESET), (14.0, "qwen2.5-7b-16gb"))
 SMALL_GPU_PRESET = "qwen2.5-0.5b"
 TINY_MODEL_NAME = "tiny-model"  # a preset whose `model` is a folder of this name gets the tiny model built there
-STAGE_CONFIGS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "dpo": DPOStageConfig,
-                 "grpo": GRPOStageConfig, "merged": MergeStageConfig, "eval": EvalStageConfig}
+CONFIG_BY_STAGE = {cls.stage: cls for cls in STAGE_CONFIGS}  # stage folder -> config class, in run order
 MANIFEST_RESULTS = ("train_loss", "eval_loss", "global_step", "changed_tensors", "heldout_pairwise_accuracy_before",
                     "heldout_pairwise_accuracy", "eval_reward_accuracy", "rewards", "merged_from", "partial")
 
@@ -162,7 +152,7 @@ def stage_config(cls: type, preset: str | Path, overrides: list[str] | tuple = (
     """
     own = [item for item in overrides if _reads(cls, _key(item))]
     for item in overrides:
-        if not any(_reads(other, _key(item)) for other in STAGE_CONFIGS.values()):
+        if not any(_reads(other, _key(item)) for other in STAGE_CONFIGS):
             parse_override(cls, item)  # raises the unknown-key error, with a did-you-mean hint
     return load_stage_config(cls, preset_path(str(preset)), own)
 
@@ -221,7 +211,7 @@ def ensure_tiny_model(model: str | Path) -> Path | None:
     Returns:
         The tiny model folder, or None when ``model`` is not a tiny-model folder.
     """
-    from brandcopy.modeling import PretrainSettings, build_tiny_model
+    from brandcopy.tiny import PretrainSettings, build_tiny_model
 
     path = Path(model)
     if path.name != TINY_MODEL_NAME:
@@ -305,7 +295,7 @@ def eval_samples(eval_dir: str | Path, n: int = 3, setting: str = "greedy") -> l
     eval_dir = Path(eval_dir)
     config = load_stage_config(EvalStageConfig, eval_dir / "config.yaml")
     golden = {r["id"]: r["text"] for r in load_golden(load_brand(config.brand))}
-    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(eval_dir / "generations.jsonl")
     samples = {}
     for row in rows:
         if row["setting"] != setting:
@@ -366,7 +356,7 @@ def run_demo(preset: str | Path = CPU_PRESET, overrides: list[str] | tuple = (),
     from brandcopy.train.reward import run_reward
     from brandcopy.train.sft import run_sft
 
-    configs = {name: stage_config(cls, preset, overrides) for name, cls in STAGE_CONFIGS.items()}
+    configs = {name: stage_config(cls, preset, overrides) for name, cls in CONFIG_BY_STAGE.items()}
     configs["eval"] = stage_config(EvalStageConfig, preset, [*overrides, *judge_overrides(base_url, api_model, api_key_env)])
     sft = configs["sft"]
     result = DemoResult(sft.run_dir, configs["eval"].out_dir / "report.md", [])

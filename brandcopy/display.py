@@ -310,8 +310,9 @@ def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
     from pathlib import Path
 
     from brandcopy.demo import eval_samples
+    from brandcopy.files import read_jsonl
 
-    rows = [json.loads(line) for line in (Path(eval_dir) / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(Path(eval_dir) / "generations.jsonl")
     stopped = {(r["id"], r["model"]): r["stopped"] for r in rows if r["setting"] == "greedy"}
     parts = []
     for sample in eval_samples(eval_dir, n):

@@ -27,7 +27,8 @@ import torch
 
 from brandcopy.backend import prepare_backend
 from brandcopy.brand import load_brand, load_golden
-from brandcopy.config import ConfigError, EvalStageConfig, atomic_write_text, save_config
+from brandcopy.config import ConfigError, EvalStageConfig, save_config
+from brandcopy.files import atomic_path, atomic_write_jsonl, atomic_write_text
 from brandcopy.generation import Generation, GenerationParams, timed_generate
 from brandcopy.ifeval import load_prompts as load_ifeval_prompts
 from brandcopy.ifeval import regressions, run_ifeval
@@ -51,7 +52,7 @@ from brandcopy.metrics import Sample, completion_loss, offline_metrics, preferen
 from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
 from brandcopy.prompts import chat_messages
 from brandcopy.rewards import cta_reward, fact_reward, format_reward, lint_reward
-from brandcopy.run import DATA_KINDS, data_file, is_complete, read_jsonl, require_stage, write_manifest
+from brandcopy.run import DATA_KINDS, data_file, is_complete, read_data_file, require_stage, write_manifest
 
 __all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate", "judge_endpoint"]
 
@@ -186,7 +187,7 @@ def generation_settings(cfg: EvalStageConfig) -> list[GenerationParams]:
 def preference_rows(cfg: EvalStageConfig) -> list[dict]:
     """The held-out preference pairs (``preference_val.jsonl`` of the run's data), [] when there are none."""
     path = data_file(cfg.data_path, "preference", "val")
-    return read_jsonl(path, DATA_KINDS["preference"]) if path.is_file() else []
+    return read_data_file(path, DATA_KINDS["preference"]) if path.is_file() else []
 
 
 def load_eval_model(cfg: EvalStageConfig, name: str):
@@ -255,7 +256,7 @@ def write_generations(path: Path, results: EvalResults) -> None:
                 rows.append({"id": record["id"], "setting": setting, "model": name, "product_id": record["product_id"],
                              "content_type": record["content_type"], "text": copy.text,
                              "new_tokens": copy.new_tokens, "stopped": copy.stopped})
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_jsonl(path, rows)
 
 
 def score_offline(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
@@ -321,10 +322,10 @@ def plot_stage_chart(rows: list[dict], path: Path) -> Path:
     loss.set_title("eval loss on golden copy")
     loss.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    return tmp.replace(path)
+    return path
 
 
 def judge_items(results: EvalResults) -> list[JudgeItem]:
@@ -468,10 +469,9 @@ def plot_judge_charts(results: EvalResults, charts_dir: Path) -> dict[str, Path]
         ax.legend(fontsize=8, ncols=len(means))
         fig.tight_layout()
         paths[group] = charts_dir / f"{group}.png"
-        tmp = charts_dir / f".{group}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(paths[group]) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        tmp.replace(paths[group])
     return paths
 
 
@@ -634,8 +634,7 @@ def run_eval(cfg: EvalStageConfig, judge: LLMConfig | None = None) -> Path:
     atomic_write_text(out / "results.json", json.dumps(json_ready(results.as_dict()), ensure_ascii=False, indent=2,
                                                        allow_nan=False))
     atomic_write_text(out / "side_by_side.md", render_side_by_side(cfg, results, brand, started))
-    atomic_write_text(out / "ifeval.jsonl", "".join(json.dumps({"model": name, **row}, ensure_ascii=False) + "\n"
-                                                    for name, rows in results.ifeval_scored.items() for row in rows))
+    atomic_write_jsonl(out / "ifeval.jsonl", [{"model": name, **row} for name, rows in results.ifeval_scored.items() for row in rows])
     atomic_write_text(out / "report.md", render_report(cfg, results, charts, started))
     write_manifest(cfg, [brand.path / "golden.jsonl"], {"models": models, "partial": results.missing})
     return out

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from brandcopy.config import EvalStageConfig, GRPOStageConfig, atomic_write_text
+from brandcopy.config import EvalStageConfig, GRPOStageConfig
 from brandcopy.doctor import KNOWN_SHAPES, ModelShape, vram_plan
+from brandcopy.files import atomic_write_text, read_jsonl, read_jsonl_log
 
 GPU_PRESET = "configs/qwen2.5-7b-24gb.yaml"
 SHAPES = {"0.5b": "qwen2.5-0.5b-instruct", "7b": "qwen2.5-7b-instruct"}
@@ -64,7 +65,8 @@ def shaped_model(out_dir: Path, shape: ModelShape, texts: list[str]) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from brandcopy.modeling import END_OF_TURN, ENDOFTEXT, train_qwen2_tokenizer
+    from brandcopy.modeling import END_OF_TURN, ENDOFTEXT
+    from brandcopy.tiny import train_qwen2_tokenizer
 
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -146,17 +148,14 @@ def check_preset(preset: str | Path, out_dir: Path, model: str, overrides: dict)
 
 def _tokens_per_second(stage_dir: Path, seconds: float) -> float | None:
     """Training tokens (TRL's ``num_tokens``, logged by SFT, DPO and GRPO) per wall second of the stage."""
-    metrics = stage_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    counts = [row["num_tokens"] for row in map(json.loads, metrics.read_text(encoding="utf-8").splitlines())
+    counts = [row["num_tokens"] for row in read_jsonl_log(stage_dir / "metrics.jsonl")
               if isinstance(row.get("num_tokens"), (int, float))]
     return round(max(counts) / seconds, 1) if counts else None
 
 
 def _eval_figures(eval_dir: Path) -> dict:
     """Greedy stop rate per model and generated tokens per second over the whole eval stage."""
-    rows = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(eval_dir / "generations.jsonl")
     stop_rate = {}
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model and r["setting"] == "greedy"]
@@ -172,7 +171,6 @@ def _stage_steps(preset: Path, backend: str) -> dict:
     from brandcopy import evaluate
     from brandcopy.demo import build_data, judged, llm_endpoint, stage_config
     from brandcopy.evaluate import run_eval
-    from brandcopy.prompts import chat_messages
     from brandcopy.train.dpo import run_dpo
     from brandcopy.train.grpo import run_grpo
     from brandcopy.train.merge import run_merge
@@ -189,7 +187,7 @@ def _stage_steps(preset: Path, backend: str) -> dict:
     def chat():
         model, tokenizer = load_chat_model(sft.run_dir / "merged", {}, backend=backend, load_in_4bit=False,
                                            max_seq_length=sft.max_seq_length)
-        record = json.loads((sft.data_path / "sft_val.jsonl").read_text(encoding="utf-8").splitlines()[0])
+        record = read_jsonl(sft.data_path / "sft_val.jsonl")[0]
         messages = record["messages"][:-1]
         reply = "".join(stream_reply(model, tokenizer, messages, "base", CHAT_PARAMS))
         return {"reply_characters": len(reply)}

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from brandcopy.files import DataFileError, jsonl_rows
 from brandcopy.generation import GenerationParams, generate_batch
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "ifeval_zh.jsonl"
@@ -188,14 +189,12 @@ def load_prompts(path: str | Path = DEFAULT_PATH, max_prompts: int = 0) -> list[
             constraint type or a wrong argument; the message names file, line and field.
     """
     path, prompts, seen = Path(path), [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    try:
+        rows = jsonl_rows(path)
+    except DataFileError as err:
+        raise IFEvalDataError(str(err)) from None
+    for number, row in rows:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise IFEvalDataError(f"{where}: not valid JSON ({err.msg})") from None
         for name, kind in (("id", str), ("prompt", str), ("constraints", list)):
             if not isinstance(row.get(name), kind) or not row[name]:
                 raise IFEvalDataError(f"{where}: field '{name}' must be a non-empty {kind.__name__}")

@@ -33,12 +33,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from brandcopy import prompts
-from brandcopy.config import atomic_write_text
 from brandcopy.datagen import ONPOLICY_PREFIX, dataset_info
+from brandcopy.files import atomic_write_jsonl, atomic_write_text
 from brandcopy.generation import GenerationParams, generate_batch
 from brandcopy.judge import SYSTEM_PROMPT, JudgeParseError, _rubric, fact_sheet, parse_json_object
 from brandcopy.lint import lint_text
-from brandcopy.llm import JsonlAppender, LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests, write_jsonl_atomic
+from brandcopy.llm import JsonlAppender, LLMClient, LLMConfig, Request, RunSummary, read_jsonl_records, run_requests
 from brandcopy.metrics import rouge_l
 
 logger = logging.getLogger(__name__)
@@ -273,9 +273,9 @@ def write_pairs(brand, pairs: list[dict], data_dir: Path, split: str) -> dict[st
     paths = {"onpolicy": data_dir / f"onpolicy_{split}.jsonl",
              "preference_onpolicy": data_dir / f"preference_onpolicy_{split}.jsonl",
              "llamafactory": data_dir / "llamafactory" / f"{ONPOLICY_PREFIX}{split}.jsonl"}
-    write_jsonl_atomic(paths["onpolicy"], pairs)
-    write_jsonl_atomic(paths["preference_onpolicy"], trl_rows)
-    write_jsonl_atomic(paths["llamafactory"], lf_rows)
+    atomic_write_jsonl(paths["onpolicy"], pairs)
+    atomic_write_jsonl(paths["preference_onpolicy"], trl_rows)
+    atomic_write_jsonl(paths["llamafactory"], lf_rows)
     paths["dataset_info"] = _add_dataset_info(data_dir / "llamafactory" / "dataset_info.json", f"{ONPOLICY_PREFIX}{split}")
     return paths
 

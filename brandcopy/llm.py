@@ -46,6 +46,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from brandcopy.display import progress_bar
+from brandcopy.files import atomic_write_jsonl, atomic_write_text, cut_torn_line, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -394,11 +395,7 @@ class LLMClient:
     def _cache_put(self, key: str, completion: Completion) -> None:
         if self.config.cache_dir is None:
             return
-        path = self._cache_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{self._rng.getrandbits(32):08x}.tmp")
-        tmp.write_text(json.dumps(asdict(completion), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)  # atomic: readers see the whole entry or none
+        atomic_write_text(self._cache_path(key), json.dumps(asdict(completion), ensure_ascii=False))
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -470,30 +467,15 @@ def read_jsonl_records(path: str | Path) -> list[dict]:
     file (its request simply runs again). Any other unreadable line is an error.
 
     Raises:
-        ValueError: A complete line is not a JSON object with a ``key``, naming file and line.
+        DataFileError: A complete line is not a JSON object with a ``key``, naming file and line.
     """
     path = Path(path)
     if not path.exists():
         return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-            os.fsync(handle.fileno())
-    records = []
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "key" not in record:
-            raise ValueError(f"{path}:{number}: field 'key' is missing")
-        records.append(record)
-    return records
+    torn = cut_torn_line(path)
+    if torn:
+        logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, torn)
+    return read_jsonl(path, ("key",))
 
 
 class JsonlAppender:
@@ -514,25 +496,12 @@ class JsonlAppender:
         os.close(self._fd)
 
 
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    """Writes records to a temp file next to ``path`` and renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _compact_failures(path: Path, done: set[str]) -> None:
     """Keeps the latest failure per key and drops keys that have since been produced."""
     if not path.exists():
         return
     latest = {record["key"]: record for record in read_jsonl_records(path)}
-    write_jsonl_atomic(path, [record for key, record in latest.items() if key not in done])
+    atomic_write_jsonl(path, [record for key, record in latest.items() if key not in done])
 
 
 # --- the runner --------------------------------------------------------------------------------

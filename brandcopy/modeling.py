@@ -1,11 +1,12 @@
-"""Models and tokenizers: the tiny local model, 4-bit loading, and the EOS/pad/chat-template fix.
+"""Models and tokenizers: loading (policy and reward model), and the EOS/pad/chat-template fix and check.
 
-Everything that trains or evaluates a model gets it from here:
+Everything that trains or evaluates a model gets it from here (the tiny local model is built by
+``brandcopy.tiny``):
 
-- ``build_tiny_model`` writes a 2-layer Qwen2 model whose tokenizer is trained on the given text,
-  a stand-in for Qwen2.5-7B-Instruct that loads offline (tests and the CPU demo).
 - ``load_model`` / ``load_adapter_model`` return ``(model, tokenizer)`` through Unsloth or plain
   transformers + bitsandbytes + PEFT.
+- ``load_reward_model`` / ``score_conversations`` load the reward stage's classifier and score
+  conversations with it (GRPO's ``reward_model`` reward, the reward stage's accuracy).
 - ``fix_special_tokens`` makes the end-of-turn token the EOS, gives pad its own token and swaps in a
   chat template with TRL's ``{% generation %}`` markers, so the model learns to stop.
 - ``check_training_example`` shows which tokens carry loss and fails loudly when the end-of-turn
@@ -20,92 +21,23 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    GenerationConfig,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2Tokenizer,
-)
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from brandcopy.backend import import_unsloth, resolve_backend
-from brandcopy.config import weights_follow_umask
+from brandcopy.config import LORA_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
 
 END_OF_TURN = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 ADDED_PAD = "<|pad|>"  # only added when the vocabulary has no spare special token to pad with
-CHATML_SPECIAL_TOKENS = [ENDOFTEXT, "<|im_start|>", END_OF_TURN]
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-7B-Instruct).
-QWEN25_CHAT_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\\n' + message.content }}
-        {%- endif %}
-        {%- for tool_call in message.tool_calls %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {{- '\\n<tool_call>\\n{"name": "' }}
-            {{- tool_call.name }}
-            {{- '", "arguments": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- '}\\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- message.content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
 
 # Qwen2.5's branch for user/system turns and plain (tool-free) assistant turns, and its training
 # variant: the assistant content, <|im_end|> and newline inside {% generation %} markers, so that
@@ -139,8 +71,6 @@ def training_chat_template(template: str) -> str:
         )
     return template.replace(_PLAIN_TURN, _PLAIN_TURN_TRAINING)
 
-
-QWEN25_TRAINING_CHAT_TEMPLATE = training_chat_template(QWEN25_CHAT_TEMPLATE)
 
 _GENERATION_TAG_LINE = re.compile(r"^[ \t]*\{%-?\s*(?:end)?generation\s*-?%\}[ \t]*\n?", re.MULTILINE)
 
@@ -208,197 +138,6 @@ class LoraSettings:
     modules_to_save: list[str] = field(default_factory=list)
 
 
-# --- the tiny model ------------------------------------------------------------------------------
-
-
-def build_tiny_model(
-    out_dir: str | Path,
-    texts: list[str],
-    *,
-    vocab_size: int = 4096,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    seed: int = 0,
-    pretrain: "PretrainSettings | None" = None,
-) -> Path:
-    """Train a Qwen2 tokenizer on `texts` and save it with a small Qwen2ForCausalLM, random or pre-trained.
-
-    The tokenizer is a byte-level BPE with Qwen2's split regex and NFC normalization (what
-    AutoTokenizer rebuilds as Qwen2Tokenizer, so ids survive a reload), the ChatML special tokens
-    and Qwen2.5-Instruct's chat template. Special tokens are set as Qwen2.5-Instruct ships them:
-    eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos.
-
-    Args:
-        out_dir: Folder to write; created if missing.
-        texts: Training text for the tokenizer (any language; unseen characters fall back to bytes).
-        vocab_size: Upper bound on the vocabulary; small corpora give fewer tokens.
-        hidden_size: Model width; bitsandbytes' CPU 4-bit kernels need at least 64.
-        num_layers: Decoder layers.
-        seed: Seed for the model's random weights.
-        pretrain: When given, a short next-token pre-training pass on its texts (plain text, no chat
-            markup, so the base learns the domain's language but not when a turn ends); its losses are
-            saved in ``pretraining.json``. None leaves the weights random.
-
-    Returns:
-        The folder, loadable by AutoModelForCausalLM / AutoTokenizer with HF_HUB_OFFLINE=1.
-
-    Raises:
-        ValueError: If `texts` is empty.
-    """
-    if not texts:
-        raise ValueError("build_tiny_model needs at least one text to train the tokenizer on.")
-    out_dir = Path(out_dir)
-    tokenizer = train_qwen2_tokenizer(texts, vocab_size=vocab_size)
-    model = _tiny_qwen2(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    report = pretrain_tiny_model(model, tokenizer, pretrain) if pretrain else None
-    tokenizer.save_pretrained(out_dir)
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    weights_follow_umask(out_dir, out_dir / "config.json")
-    if report:
-        (out_dir / "pretraining.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return out_dir
-
-
-@dataclass
-class PretrainSettings:
-    """A short causal-LM pre-training pass of the tiny model (all weights, AdamW, cosine decay).
-
-    Attributes:
-        texts: Plain training text, one document per item; documents are joined with
-            ``<|endoftext|>`` and cut into blocks.
-        steps: Optimizer steps.
-        block_size: Tokens per training row.
-        batch_size: Rows per step, drawn at random from the blocks.
-        lr: Peak learning rate.
-        seed: Seed for the row order.
-    """
-
-    texts: list[str]
-    steps: int = 200
-    block_size: int = 128
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 0
-
-
-def pretrain_tiny_model(model, tokenizer, settings: PretrainSettings) -> dict:
-    """Train every weight of ``model`` on the next token of ``settings.texts`` (in place, float32).
-
-    Returns:
-        ``{"steps", "tokens", "blocks", "first_loss", "last_loss"}`` (losses are the mean of the first
-        and last 10 steps).
-
-    Raises:
-        ValueError: The texts give fewer tokens than one block.
-    """
-    blocks = _pretraining_blocks(tokenizer, settings.texts, settings.block_size)
-    model.float().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(settings.seed)
-    losses = []
-    for _ in range(settings.steps):
-        rows = blocks[torch.randint(len(blocks), (settings.batch_size,), generator=generator)]
-        loss = model(input_ids=rows, labels=rows).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    window = min(10, len(losses))
-    return {"steps": settings.steps, "tokens": blocks.numel(), "blocks": len(blocks),
-            "first_loss": sum(losses[:window]) / window, "last_loss": sum(losses[-window:]) / window}
-
-
-def _pretraining_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
-    """The texts as one ``<|endoftext|>``-separated token stream, cut into rows of ``block_size``."""
-    separator = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    stream = [i for text in texts for i in [*tokenizer(text, add_special_tokens=False)["input_ids"], separator]]
-    n = len(stream) // block_size
-    if n == 0:
-        raise ValueError(f"pre-training text gives {len(stream)} tokens, fewer than one block of {block_size}")
-    return torch.tensor(stream[: n * block_size]).view(n, block_size)
-
-
-def train_qwen2_tokenizer(texts: list[str], *, vocab_size: int = 4096) -> Qwen2Tokenizer:
-    """Train a byte-level BPE exactly as Qwen2Tokenizer pre-tokenizes, with ChatML special tokens.
-
-    Args:
-        texts: Training text.
-        vocab_size: Upper bound on the vocabulary size.
-
-    Returns:
-        A Qwen2Tokenizer with Qwen2.5-Instruct's special tokens and chat template.
-    """
-    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=CHATML_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer)
-    trained = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(
-        vocab=trained["vocab"],
-        merges=[tuple(pair) for pair in trained["merges"]],
-        eos_token=END_OF_TURN,
-        pad_token=ENDOFTEXT,
-        unk_token=None,
-        bos_token=None,
-        errors="replace",
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-        model_max_length=32768,
-    )
-    # Qwen2Tokenizer registers only eos/pad as added tokens; <|im_start|> must be one too, or the
-    # template's markers would be split into bytes.
-    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL_TOKENS[1:]})
-    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _tiny_qwen2(tokenizer: Qwen2Tokenizer, *, hidden_size: int, num_layers: int, seed: int) -> Qwen2ForCausalLM:
-    """A random Qwen2ForCausalLM whose config and generation config mirror Qwen2.5-7B-Instruct's."""
-    endoftext, im_end = tokenizer.convert_tokens_to_ids([ENDOFTEXT, END_OF_TURN])
-    config = Qwen2Config(
-        vocab_size=_round_up(len(tokenizer), 64),  # Qwen pads its embedding rows past the tokenizer, too
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        # 5x the usual 0.02: a random model this narrow needs larger weights before LoRA alone (frozen
-        # lm_head) can sharpen its logits; with 0.02 a LoRA SFT on it cannot move the loss.
-        initializer_range=0.1,
-        bos_token_id=endoftext,
-        eos_token_id=im_end,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    # Qwen2.5-Instruct's generation_config.json, minus its sampling defaults: callers choose those.
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
-    )
-    return model
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 # --- loading -------------------------------------------------------------------------------------
 
 
@@ -408,7 +147,7 @@ def load_model(
     backend: str = "auto",
     load_in_4bit: bool = False,
     max_seq_length: int = 2048,
-    lora: LoraSettings | dict | None = None,
+    lora: LoraSettings | None = None,
     dtype: torch.dtype | None = None,
     gradient_checkpointing: bool | None = None,
 ):
@@ -421,7 +160,7 @@ def load_model(
             "auto": unsloth where CUDA is present and unsloth imports, else hf.
         load_in_4bit: Quantize the base weights to NF4 with double quantization (QLoRA).
         max_seq_length: Longest sequence the model will be trained on.
-        lora: LoRA settings (or a dict of LoraSettings fields) to attach a new trainable adapter;
+        lora: LoRA settings to attach a new trainable adapter;
             None returns the bare model (all parameters trainable unless 4-bit).
         dtype: Compute dtype; default bfloat16 (float16 on GPUs without bf16) on CUDA, float32 on CPU.
         gradient_checkpointing: Recompute activations to save memory; default on where CUDA is present.
@@ -440,7 +179,6 @@ def load_model(
             f"{name_or_path} is a LoRA adapter folder, not a model: load it with "
             f"brandcopy.modeling.load_adapter_model({name_or_path!r})."
         )
-    lora = _lora_settings(lora)
     backend = _preflight(name_or_path, backend, load_in_4bit)
     tokenizer = _load_tokenizer(name_or_path)
     options = _LoadOptions(load_in_4bit, max_seq_length, default_dtype(dtype), _default_gc(gradient_checkpointing))
@@ -453,7 +191,6 @@ def load_adapter_model(
     adapter_dir: str | Path,
     *,
     trainable: bool = False,
-    base_model: str | Path | None = None,
     backend: str = "auto",
     load_in_4bit: bool = False,
     max_seq_length: int = 2048,
@@ -467,8 +204,6 @@ def load_adapter_model(
         adapter_dir: Folder written by `model.save_pretrained` of a PeftModel (has adapter_config.json).
             Its tokenizer is used when saved there (it carries fix_special_tokens' changes), else the base's.
         trainable: Keep training the adapter (True) or freeze it for evaluation/generation (False).
-        base_model: Base to load instead of adapter_config.json's `base_model_name_or_path`
-            (e.g. the 16-bit base for merging); hf backend only.
         backend: As in `load_model`.
         load_in_4bit: As in `load_model`.
         max_seq_length: As in `load_model`.
@@ -482,14 +217,12 @@ def load_adapter_model(
 
     Raises:
         FileNotFoundError: No adapter_config.json in `adapter_dir`, or the base model is missing.
-        ValueError: `base_model` with backend "unsloth", or other bad input as in `load_model`.
+        ValueError: Bad input as in `load_model`.
         ImportError: As in `load_model`.
     """
     adapter_dir = Path(adapter_dir)
-    base = str(base_model) if base_model is not None else adapter_base_model(adapter_dir)
+    base = adapter_base_model(adapter_dir)
     backend = _preflight(base, backend, load_in_4bit)
-    if backend == "unsloth" and base_model is not None:
-        raise ValueError("load_adapter_model(base_model=...) is only supported with backend='hf'.")
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(str(adapter_dir) if has_tokenizer else base)
     options = _LoadOptions(load_in_4bit, max_seq_length, default_dtype(dtype), _default_gc(gradient_checkpointing),
@@ -516,7 +249,7 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
         )
     base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{config_path}: field base_model_name_or_path is empty; pass base_model=... explicitly.")
+        raise ValueError(f"{config_path}: field base_model_name_or_path is empty; set it to the base model's folder or hub id.")
     return base
 
 
@@ -533,15 +266,6 @@ class _LoadOptions:
     gradient_checkpointing: bool
     vllm_gpu_memory_utilization: float | None = None  # Unsloth fast_inference (vLLM) when set
     max_lora_rank: int = 64  # largest adapter rank vLLM must serve (fast_inference only)
-
-
-def _lora_settings(lora: LoraSettings | dict | None) -> LoraSettings | None:
-    if isinstance(lora, dict):
-        unknown = set(lora) - set(asdict(LoraSettings()))
-        if unknown:
-            raise ValueError(f"Unknown LoRA setting(s) {sorted(unknown)}; known: {sorted(asdict(LoraSettings()))}.")
-        return LoraSettings(**lora)
-    return lora
 
 
 def _preflight(name_or_path: str, backend: str, load_in_4bit: bool) -> str:
@@ -569,7 +293,7 @@ def _check_model_source(name_or_path: str) -> None:
     if not looks_like_hub_id:
         raise FileNotFoundError(
             f"Model folder {name_or_path} does not exist. Build the tiny model with "
-            "brandcopy.modeling.build_tiny_model, or pass a hub id such as Qwen/Qwen2.5-7B-Instruct."
+            "brandcopy.tiny.build_tiny_model, or pass a hub id such as Qwen/Qwen2.5-7B-Instruct."
         )
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _is_cached(name_or_path):
         raise FileNotFoundError(
@@ -603,7 +327,7 @@ def _load_tokenizer(name_or_path: str):
     if tokenizer.chat_template is None:
         raise ValueError(
             f"The tokenizer of {name_or_path} has no chat template. Use an -Instruct model, or set "
-            "tokenizer.chat_template = brandcopy.modeling.QWEN25_CHAT_TEMPLATE and save the tokenizer."
+            "tokenizer.chat_template = brandcopy.tiny.QWEN25_CHAT_TEMPLATE and save the tokenizer."
         )
     return tokenizer
 
@@ -732,6 +456,56 @@ def _set_trainable(model, trainable: bool) -> None:
     FastLanguageModel.for_inference(model)
 
 
+# --- the reward model ----------------------------------------------------------------------------
+
+
+def reward_model_in_4bit(reward_dir: str | Path) -> bool:
+    """Whether the reward model was trained on a 4-bit base (its stage's ``config.yaml``): it is loaded so again."""
+    config = yaml.safe_load((Path(reward_dir) / "config.yaml").read_text(encoding="utf-8"))
+    return bool(config["load_in_4bit"])
+
+
+@lru_cache(maxsize=2)
+def load_reward_model(reward_dir: str):
+    """Load a trained reward model (base + LoRA + score head) for scoring, frozen.
+
+    The base is quantized to 4 bits when the reward stage trained on a 4-bit base: beside GRPO's
+    policy and vLLM share on a 24 GB card a 7B classifier in bf16 (~14 GiB) does not fit; in NF4
+    it takes ~5 GiB. Cached: GRPO's reward function calls this on every step.
+
+    Returns:
+        (model, tokenizer).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    quantization = bnb_4bit_config(default_dtype()) if reward_model_in_4bit(reward_dir) else None
+    model = AutoModelForSequenceClassification.from_pretrained(adapter_base_model(reward_dir), num_labels=1,
+                                                               dtype=default_dtype(), quantization_config=quantization,
+                                                               device_map=process_device())
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, reward_dir).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """The reward model's scalar score of each full conversation (prompt + assistant answer).
+
+    Conversations are rendered with the chat template, as RewardTrainer renders them.
+    """
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(conversations), batch_size):
+        ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+               for c in conversations[start:start + batch_size]]
+        batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
+        scores += model(**batch).logits[:, 0].float().tolist()
+    model.train(was_training)
+    return scores
+
+
 # --- EOS / pad / chat template -------------------------------------------------------------------
 
 
@@ -769,7 +543,7 @@ def _set_eos(tokenizer, changes: dict) -> None:
     if tokenizer.chat_template is None or END_OF_TURN not in tokenizer.chat_template:
         raise ValueError(
             f"fix_special_tokens supports ChatML chat templates ending turns with {END_OF_TURN}; this tokenizer's "
-            "template is missing or does not use it. Set tokenizer.chat_template = brandcopy.modeling.QWEN25_CHAT_TEMPLATE."
+            "template is missing or does not use it. Set tokenizer.chat_template = brandcopy.tiny.QWEN25_CHAT_TEMPLATE."
         )
     if tokenizer.eos_token != END_OF_TURN:
         changes["eos_token"] = (tokenizer.eos_token, END_OF_TURN)

@@ -7,8 +7,10 @@ in training. Labels and vocabulary come from the brand's folder (brand.yaml's ``
 Generation, cleaning and negative prompts (datagen) are added below the chat section.
 """
 
+from brandcopy.brand import Brand, Product
 
-def system_prompt(brand):
+
+def system_prompt(brand: Brand) -> str:
     """The brand's system prompt: persona, philosophy and tone rules, in Chinese.
 
     Args:
@@ -38,7 +40,7 @@ def _material_line(material, spec, alone):
     return f"{text}（{'，'.join(detail)}）" if detail else text
 
 
-def product_facts(product):
+def product_facts(product: Product) -> str:
     """The product facts block of an instruction, one fact per line, with the brand's labels.
 
     Order: category, composition (one line per part), claims, the brand's facts in brand.yaml
@@ -56,7 +58,7 @@ def product_facts(product):
     return "\n".join(f"- {line}" for line in lines)
 
 
-def build_instruction(brand, product_id, content_type):
+def build_instruction(brand: Brand, product_id: str, content_type: str) -> str:
     """The user instruction for one (product, content type): task, requirements and product facts.
 
     Args:
@@ -84,7 +86,7 @@ def build_instruction(brand, product_id, content_type):
     return "\n".join(parts)
 
 
-def chat_messages(brand, product_id, content_type, text=None):
+def chat_messages(brand: Brand, product_id: str, content_type: str, text: str | None = None) -> list[dict[str, str]]:
     """System and user messages for one (product, content type), plus the assistant copy if given.
 
     Args:
@@ -137,7 +139,8 @@ def _guide(brand, spec):
     )
 
 
-def generation_messages(brand, product_id, content_type, examples, variant=0):
+def generation_messages(brand: Brand, product_id: str, content_type: str, examples: list[str],
+                        variant: int = 0) -> list[dict[str, str]]:
     """Messages asking a teacher model for one piece of copy (datagen step 1).
 
     What requests share comes first and what varies comes last, so that a provider's prompt
@@ -169,7 +172,7 @@ def generation_messages(brand, product_id, content_type, examples, variant=0):
     return [{"role": "system", "content": system_prompt(brand) + "\n" + teacher}, {"role": "user", "content": user}]
 
 
-def repair_messages(messages, text, problems):
+def repair_messages(messages: list[dict[str, str]], text: str, problems: list[str]) -> list[dict[str, str]]:
     """Continues a generation conversation asking to fix the problems lint found.
 
     Args:
@@ -188,7 +191,7 @@ def repair_messages(messages, text, problems):
     return messages + [{"role": "assistant", "content": text}, {"role": "user", "content": ask}]
 
 
-def clean_messages(brand, product_id, content_type, text, pass_name):
+def clean_messages(brand: Brand, product_id: str, content_type: str, text: str, pass_name: str) -> list[dict[str, str]]:
     """Messages asking for one cleaning rewrite (datagen step 2).
 
     Args:
@@ -213,13 +216,13 @@ def clean_messages(brand, product_id, content_type, text, pass_name):
     return [{"role": "system", "content": system_prompt(brand)}, {"role": "user", "content": user}]
 
 
-def weak_messages(brand, product_id, content_type):
+def weak_messages(brand: Brand, product_id: str, content_type: str) -> list[dict[str, str]]:
     """A deliberately weak prompt (no guide, no facts, no system prompt) for 'weak' negatives."""
     product = brand.product(product_id)
     return [{"role": "user", "content": f"写一段「{product.name}」的{brand.content_type(content_type).name_zh}。"}]
 
 
-def exaggerated_messages(brand, product_id, content_type, text):
+def exaggerated_messages(brand: Brand, product_id: str, content_type: str, text: str) -> list[dict[str, str]]:
     """Asks to rewrite good copy into the exaggerated style the brand bans (a negative sample)."""
     user = (  # the ask is the same for every sample: it comes first, the sample last
         "请把下面的文案改写成夸张的营销风格，用作训练模型的反例：至少加入两个这些词："
@@ -231,7 +234,8 @@ def exaggerated_messages(brand, product_id, content_type, text):
     return [{"role": "user", "content": user}]
 
 
-def fake_messages(brand, product_id, content_type, text, foreign_ingredient):
+def fake_messages(brand: Brand, product_id: str, content_type: str, text: str,
+                  foreign_ingredient: str) -> list[dict[str, str]]:
     """Asks to plant 1-2 factual errors in good copy (a negative sample).
 
     Args:

@@ -85,7 +85,7 @@ def cta_reward(completions, brand, content_type, product_id, **kwargs) -> list[f
 
 def reward_model_reward(prompts, completions, reward_model, **kwargs) -> list[float]:
     """The trained reward model's score of prompt + completion, squashed to (0, 1) by a sigmoid."""
-    from brandcopy.train.reward import load_reward_model, score_conversations
+    from brandcopy.modeling import load_reward_model, score_conversations
 
     model, tokenizer = load_reward_model(reward_model[0])
     conversations = [p + ([{"role": "assistant", "content": c}] if isinstance(c, str) else c)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from brandcopy.config import NotUTF8Error, atomic_write_text, config_dict, read_text, save_config, weights_follow_umask
+from brandcopy.config import config_dict, save_config
+from brandcopy.files import atomic_path, atomic_write_jsonl, atomic_write_text, read_jsonl, read_jsonl_log, weights_follow_umask
 
 PACKAGES = ("brandcopy", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
             "unsloth", "unsloth_zoo", "vllm")
@@ -34,10 +35,6 @@ CHECKPOINT_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt") 
 
 class StageInputError(FileNotFoundError):
     """A stage's input (an earlier stage or a data file) is missing or empty."""
-
-
-class DataFileError(ValueError):
-    """A data file a stage reads is not what it should be; the message names file, line and field."""
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -71,61 +68,20 @@ def data_file(data_dir: str | Path, kind: str, split: str) -> Path:
     return Path(data_dir) / f"{kind}_{split}.jsonl"
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] | dict[str, str] = ()) -> list[dict]:
-    """Read a JSONL file, checking every row is an object with the required fields.
-
-    Args:
-        path: The file (UTF-8; a BOM is dropped).
-        required: Field names, or field name -> what it must hold: ``"messages"`` (a non-empty list
-            of ``{role, content}`` chat messages) or ``"text"`` (a non-empty string).
+def read_data_file(path: str | Path, required: tuple[str, ...] | dict[str, str] = ()) -> list[dict]:
+    """The rows of a data file a stage reads (``files.read_jsonl``: each row's fields checked).
 
     Raises:
         StageInputError: The file is missing or has no rows.
-        DataFileError: The file is not UTF-8, or a line is not a JSON object, lacks a field or
-            holds the wrong kind of value; the message names file, line and field.
+        DataFileError: A line is not what it should be (see ``files.read_jsonl``).
     """
     path = Path(path)
     if not path.is_file():
         raise StageInputError(f"{path}: data file not found (export the data with `brandcopy data export`)")
-    rows = []
-    try:
-        text = read_text(path)
-    except NotUTF8Error as err:
-        raise DataFileError(str(err)) from None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFileError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}): a truncated "
-                             "or hand-edited file? export it again with `brandcopy data export`") from None
-        if not isinstance(row, dict):
-            raise DataFileError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        missing = [name for name in required if name not in row]
-        if missing:
-            raise DataFileError(f"{path}:{number}: missing field '{missing[0]}'")
-        rows.append((number, row))
-    for number, row in rows:  # the values once every line has its fields: a wrong schema is named first
-        for name, kind in (required.items() if isinstance(required, dict) else ()):
-            problem = _field_problem(row[name], kind)
-            if problem:
-                raise DataFileError(f"{path}:{number}: field '{name}': {problem}")
+    rows = read_jsonl(path, required)
     if not rows:
         raise StageInputError(f"{path}: no rows for this split")
-    return [row for _, row in rows]
-
-
-def _field_problem(value, kind: str) -> str | None:
-    """What is wrong with a data-file value of the given kind (None: nothing)."""
-    if kind == "text":
-        return None if isinstance(value, str) and value.strip() else f"expected a non-empty string, got {value!r:.60}"
-    if not isinstance(value, list) or not value:
-        return f"expected a non-empty list of {{role, content}} messages, got {type(value).__name__} {value!r:.60}"
-    for index, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-            return f"message {index} is not {{\"role\": str, \"content\": str}}: {message!r:.60}"
-    return None
+    return rows
 
 
 def begin_stage(cfg) -> str | None:
@@ -260,7 +216,7 @@ def trim_metrics(path: Path, step: int) -> None:
     """Drop metric rows logged after ``step`` (a resumed run logs those steps again) and a torn last line."""
     if path.is_file():
         rows = read_metrics(path)
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows if r["step"] <= step))
+        atomic_write_jsonl(path, [r for r in rows if r["step"] <= step])
 
 
 class MetricsCallback(TrainerCallback):
@@ -287,28 +243,12 @@ class MetricsCallback(TrainerCallback):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl file (empty when the file does not exist).
-
-    A last line without its newline that is not valid JSON was torn by a kill mid-write: it is
-    left out, as ``llm.read_jsonl_records`` does. Any other bad line is an error.
+    """Rows of a metrics.jsonl file (``files.read_jsonl_log``: empty when missing, a torn last line left out).
 
     Raises:
-        ValueError: A complete line is not valid JSON (file and line named).
+        DataFileError: A complete line is not valid JSON (file and line named).
     """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")  # a torn last line may end mid-character
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}:{number}: not valid JSON") from None
-    return rows
+    return read_jsonl_log(path)
 
 
 def metric_series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -350,12 +290,10 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys: tuple[str
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return Path(png_path)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from brandcopy.brand import BrandDataError, read_records
-from brandcopy.config import atomic_write_text
+from brandcopy.files import atomic_write_jsonl, atomic_write_text
 from brandcopy.generation import GenerationParams, generate_batch
 from brandcopy.lint import lint_text
-from brandcopy.llm import LLMClient, Request, read_jsonl_records, run_requests, write_jsonl_atomic
+from brandcopy.llm import LLMClient, Request, read_jsonl_records, run_requests
 from brandcopy.prompts import chat_messages
 
 WRITE_PARAMS = GenerationParams("write", max_new_tokens=768, do_sample=True, temperature=0.8, top_p=0.95)
@@ -200,7 +200,7 @@ def choose(request: WriteRequest, candidates: list[Candidate], ranked_by: str) -
 
 def score_with_reward_model(reward_dir: str | Path, brand, request: WriteRequest, candidates: list[Candidate]) -> None:
     """Sets ``reward`` (sigmoid of the reward model's score) on the clean candidates."""
-    from brandcopy.train.reward import load_reward_model, score_conversations
+    from brandcopy.modeling import load_reward_model, score_conversations
 
     clean = [c for c in candidates if c.clean]
     if not clean:
@@ -317,7 +317,7 @@ def render_markdown(brand, results: list[WriteResult]) -> str:
 def write_outputs(brand, results: list[WriteResult], out_dir: str | Path) -> tuple[Path, Path]:
     """Writes ``results.jsonl`` and ``results.md`` atomically; returns their paths."""
     out_dir = Path(out_dir)
-    write_jsonl_atomic(out_dir / "results.jsonl", [r.as_dict() for r in results])
+    atomic_write_jsonl(out_dir / "results.jsonl", [r.as_dict() for r in results])
     markdown = atomic_write_text(out_dir / "results.md", render_markdown(brand, results))
     return out_dir / "results.jsonl", markdown
 

@@ -22,7 +22,7 @@ def tiny_corpus() -> list[str]:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Qwen2 model + tokenizer saved once per session (about a second). Do not modify it:
     copy it (shutil.copytree) first if a test must change files in it."""
-    from brandcopy.modeling import build_tiny_model
+    from brandcopy.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_corpus())
 

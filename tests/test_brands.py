@@ -14,7 +14,7 @@ from brandcopy.config import SFTStageConfig, load_stage_config
 from brandcopy.demo import build_data, llm_endpoint
 from brandcopy.judge import JudgeItem, best_of_messages, single_messages
 from brandcopy.lint import FACT_KINDS, lint_records, lint_text
-from brandcopy.modeling import build_tiny_model
+from brandcopy.tiny import build_tiny_model
 from brandcopy.run import read_metrics
 from brandcopy.train.sft import run_sft
 

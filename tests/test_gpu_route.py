@@ -31,6 +31,7 @@ from brandcopy.config import (
     SFTStageConfig,
     load_stage_config,
 )
+from brandcopy.tiny import QWEN25_CHAT_TEMPLATE
 
 TINY = REPO / "configs" / "tiny-cpu.yaml"
 PRESET_7B = REPO / "configs" / "qwen2.5-7b-24gb.yaml"
@@ -190,7 +191,7 @@ def _tiny_reward_dir(tmp_path: Path, model_dir: Path, load_in_4bit: bool) -> Pat
 def test_grpo_reward_model_loads_as_it_was_trained(tmp_path, tiny_model_dir, load_in_4bit):
     import bitsandbytes as bnb
 
-    from brandcopy.train.reward import load_reward_model, score_conversations
+    from brandcopy.modeling import load_reward_model, score_conversations
 
     reward_dir = _tiny_reward_dir(tmp_path, tiny_model_dir, load_in_4bit)
     model, tokenizer = load_reward_model(str(reward_dir))
@@ -230,7 +231,7 @@ def test_saved_tokenizer_has_the_plain_template_and_memory_keeps_markers(tmp_pat
     modeling.save_tokenizer(tokenizer, tmp_path)
     assert modeling.has_generation_markers(tokenizer.chat_template)  # training continues with markers
     saved = modeling.AutoTokenizer.from_pretrained(tmp_path).chat_template
-    assert saved == modeling.QWEN25_CHAT_TEMPLATE
+    assert saved == QWEN25_CHAT_TEMPLATE
 
 
 def test_merged_model_template_renders_without_the_generation_extension(sft_run, tmp_path):
@@ -245,7 +246,7 @@ def test_merged_model_template_renders_without_the_generation_extension(sft_run,
     saved = json.loads((merged / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     if saved is None:
         saved = (merged / "chat_template.jinja").read_text(encoding="utf-8")
-    assert saved == modeling.QWEN25_CHAT_TEMPLATE  # the base model's template, exactly
+    assert saved == QWEN25_CHAT_TEMPLATE  # the base model's template, exactly
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(saved)  # no generation extension
     text = template.render(messages=[{"role": "user", "content": "写一句话"}], add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")

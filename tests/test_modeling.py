@@ -1,4 +1,4 @@
-"""brandcopy.modeling: tiny model, loading on both backends, the EOS/pad/template fix and its check."""
+"""brandcopy.modeling: loading on both backends, the EOS/pad/template fix and its check."""
 
 import json
 import logging
@@ -11,15 +11,14 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Qwen2Config
-from transformers import Qwen2ForCausalLM, Qwen2Tokenizer
+from tokenizers import pre_tokenizers
+from transformers import DataCollatorForLanguageModeling, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from brandcopy.backend import resolve_backend
 from brandcopy import modeling
+from brandcopy.tiny import QWEN25_CHAT_TEMPLATE
 from brandcopy.modeling import (
-    QWEN25_CHAT_TEMPLATE,
     LoraSettings,
     TrainingExampleError,
     check_training_example,
@@ -35,73 +34,6 @@ PROMPTS = ["写一句补水文案", "写一句温和文案", "写一句清爽文
 ANSWERS = ["水润一整天。", "温和不刺激。", "清爽不油腻。", "提亮肤色。",
            "修护屏障。", "控油又保湿。", "敏感肌可用。", "限时第二件半价。"]
 CONVERSATIONS = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(PROMPTS, ANSWERS)]
-
-
-# --- tiny model ----------------------------------------------------------------------------------
-
-
-def test_tokenizer_ids_survive_autotokenizer_reload(tiny_model_dir):
-    text = "清晨第一步：5%烟酰胺精华，30ml 199元。It's 2024, apply 2-3 drops!\n\n  新品上市"
-    saved = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))  # the pipeline build_tiny_model trained
-    reloaded = AutoTokenizer.from_pretrained(tiny_model_dir)
-
-    assert type(reloaded).__name__ == "Qwen2Tokenizer"
-    assert reloaded(text)["input_ids"] == saved.encode(text).ids
-    assert reloaded.decode(reloaded(text)["input_ids"]) == text
-    assert reloaded.convert_ids_to_tokens(reloaded("<|im_start|>user<|im_end|>")["input_ids"])[0] == "<|im_start|>"
-
-
-def test_pretraining_learns_the_text_and_keeps_the_saved_model_plain(tmp_path):
-    from conftest import tiny_corpus
-
-    texts = tiny_corpus()[:40]
-    settings = modeling.PretrainSettings(texts, steps=40, block_size=32, batch_size=4, lr=3e-3)
-    random_dir = modeling.build_tiny_model(tmp_path / "random", texts)
-    trained_dir = modeling.build_tiny_model(tmp_path / "trained", texts, pretrain=settings)
-    report = json.loads((trained_dir / "pretraining.json").read_text())
-    assert report["steps"] == 40 and report["last_loss"] < report["first_loss"] - 1.0
-    assert not (random_dir / "pretraining.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(trained_dir)
-    ids = torch.tensor([tokenizer(texts[0])["input_ids"]])
-    losses = {}
-    for name, folder in (("random", random_dir), ("trained", trained_dir)):
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        assert model.dtype == torch.bfloat16  # saved as the random model is: same loading path downstream
-        with torch.no_grad():
-            losses[name] = model.float()(input_ids=ids, labels=ids).loss.item()
-    assert losses["trained"] < losses["random"] - 1.0
-    with pytest.raises(ValueError, match="fewer than one block"):
-        modeling.build_tiny_model(tmp_path / "short", texts, pretrain=modeling.PretrainSettings(["短"], block_size=32))
-
-
-def test_tiny_model_ships_qwen25_instruct_special_tokens(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-
-    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
-    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 2
-    assert model.config.eos_token_id == tokenizer.eos_token_id
-    assert model.get_input_embeddings().num_embeddings >= len(tokenizer)
-
-
-def test_chat_template_renders_exactly_like_qwen25_instruct(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    conversation = [{"role": "user", "content": "写一句补水文案"}, {"role": "assistant", "content": "水润一整天。"}]
-    with_system = [{"role": "system", "content": "你是品牌文案助手。"}] + conversation
-
-    assert tokenizer.apply_chat_template(conversation, tokenize=False) == (
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n写一句补水文案<|im_end|>\n"
-        "<|im_start|>assistant\n水润一整天。<|im_end|>\n"
-    )
-    assert tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n写一句补水文案<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-    assert tokenizer.apply_chat_template(with_system[:2], tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>system\n你是品牌文案助手。<|im_end|>\n<|im_start|>user\n写一句补水文案<|im_end|>\n<|im_start|>assistant\n"
-    )
 
 
 # --- the seed bug and its fix ----------------------------------------------------------------------
@@ -240,7 +172,7 @@ def test_load_model_hf_trains_lora(tiny_model_dir, tmp_path, load_in_4bit):
 
 
 def test_load_adapter_model_restores_trained_adapter(tiny_model_dir, tmp_path):
-    model, tokenizer = load_model(tiny_model_dir, backend="hf", lora={"r": 8})
+    model, tokenizer = load_model(tiny_model_dir, backend="hf", lora=LoraSettings(r=8))
     fix_special_tokens(model, tokenizer)
     _sft_three_steps(model, tokenizer, tmp_path / "sft")
     model.save_pretrained(tmp_path / "adapter")
@@ -355,11 +287,9 @@ def test_bitsandbytes_missing_is_a_clear_error(tiny_model_dir, monkeypatch, no_m
         load_model(tiny_model_dir, backend="hf", load_in_4bit=True)
 
 
-def test_bad_backend_and_lora_settings_are_clear_errors(tiny_model_dir, no_model_loading):
+def test_bad_backend_is_a_clear_error(tiny_model_dir, no_model_loading):
     with pytest.raises(ValueError, match="backend='vllm'"):
         load_model(tiny_model_dir, backend="vllm")
-    with pytest.raises(ValueError, match="Unknown LoRA setting.*rank"):
-        load_model(tiny_model_dir, lora={"rank": 8})
 
 
 def test_adapter_folder_given_to_load_model_names_load_adapter_model(tmp_path, no_model_loading):

@@ -1,7 +1,6 @@
 """The run directory survives faults: failed reruns, kills during a checkpoint save, torn metrics, file modes."""
 
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -9,11 +8,11 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 from safetensors.torch import save_file
-from train_data import write_jsonl, write_tiny_data
+from train_data import write_tiny_data
 from transformers import TrainerCallback
 
-from brandcopy.config import SFTStageConfig, atomic_write_text, load_stage_config
-from brandcopy.run import DataFileError, checkpoint_problem, last_complete_checkpoint, read_jsonl, read_metrics
+from brandcopy.config import SFTStageConfig, load_stage_config
+from brandcopy.run import checkpoint_problem, last_complete_checkpoint, read_metrics
 from brandcopy.train.sft import run_sft
 
 PRESET = REPO / "configs" / "tiny-cpu.yaml"
@@ -128,28 +127,6 @@ def test_metrics_torn_last_line_is_dropped_but_a_bad_middle_line_is_an_error(tmp
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
         read_metrics(path)
-
-
-def test_data_files_check_each_field_and_read_a_bom(tmp_path):
-    path = write_jsonl(tmp_path / "sft_train.jsonl", [{"messages": [{"role": "user", "content": "你好"}]}])
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    assert read_jsonl(path, {"messages": "messages"}) == [{"messages": [{"role": "user", "content": "你好"}]}]
-    write_jsonl(path, [{"messages": [{"role": "user", "content": "你好"}]}, {"messages": [{"role": "user", "content": None}]}])
-    with pytest.raises(DataFileError, match=r"sft_train.jsonl:2: field 'messages': message 0 is not"):
-        read_jsonl(path, {"messages": "messages"})
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_atomic_writes_follow_the_umask(tmp_path, umask):
-    old = os.umask(umask)
-    try:
-        path = atomic_write_text(tmp_path / "dataset_info.json", "{}")
-        plain = tmp_path / "plain.txt"
-        plain.write_text("x", encoding="utf-8")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 def test_saved_weights_follow_the_umask_not_safetensors_0600(tiny_model_dir, sft_run):

@@ -67,11 +67,3 @@ def write_tiny_data(data_dir: Path, n_train: int = 12, n_val: int = 4) -> Path:
         write_jsonl(data_dir / f"preference_{split}.jsonl", [preference_row(p, t) for p, t in pairs])
         write_jsonl(data_dir / f"grpo_{split}.jsonl", [grpo_row(p, t) for p, t in pairs])
     return data_dir
-
-
-def corpus_texts() -> list[str]:
-    """Text for the tiny tokenizer: the shipped tiny corpus plus every string these files contain."""
-    texts = (ROOT / "data" / "tiny_corpus.txt").read_text(encoding="utf-8").splitlines()
-    for p in products(40):
-        texts += [SYSTEM, good_copy(p), bad_copy(p)] + [instruction(p, t) for t in TYPES]
-    return texts

@@ -7,14 +7,14 @@ import dataclasses
 from pathlib import Path
 
 from brandcopy.config import config_dict
-from brandcopy.run import DATA_KINDS, data_file, is_main_process, read_jsonl
+from brandcopy.run import DATA_KINDS, data_file, is_main_process, read_data_file
 
 
 def load_split(data_dir: str | Path, kind: str, split: str):
-    """Load one exported data file as a ``datasets.Dataset`` (see ``read_jsonl`` for errors; fields checked per kind)."""
+    """Load one exported data file as a ``datasets.Dataset`` (see ``run.read_data_file`` for errors; fields checked per kind)."""
     from datasets import Dataset
 
-    return Dataset.from_list(read_jsonl(data_file(data_dir, kind, split), DATA_KINDS[kind]))
+    return Dataset.from_list(read_data_file(data_file(data_dir, kind, split), DATA_KINDS[kind]))
 
 
 def on_gpu() -> bool:

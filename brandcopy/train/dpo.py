@@ -17,7 +17,7 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.run import DATA_KINDS, MetricsCallback, begin_stage, data_file, finish_stage, read_jsonl, require_stage
+from brandcopy.run import DATA_KINDS, MetricsCallback, begin_stage, data_file, finish_stage, read_data_file, require_stage
 from brandcopy.train.common import (
     changed_params,
     final_eval,
@@ -41,7 +41,7 @@ def train_pairs(cfg: DPOStageConfig):
     from datasets import Dataset
 
     fields = DATA_KINDS["preference"]
-    rows = [row for kind in PAIR_FILES[cfg.dpo_pairs] for row in read_jsonl(data_file(cfg.data_path, kind, "train"), fields)]
+    rows = [row for kind in PAIR_FILES[cfg.dpo_pairs] for row in read_data_file(data_file(cfg.data_path, kind, "train"), fields)]
     return Dataset.from_list([{name: row[name] for name in fields} for row in rows])
 
 

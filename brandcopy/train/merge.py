@@ -32,8 +32,8 @@ __all__ = ["MergeStageConfig", "run_merge", "merge_hf", "merge_unsloth"]
 
 def merge_hf(adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
     """Merge with PEFT onto the base loaded unquantized in ``dtype``; save safetensors."""
-    model, tokenizer = load_adapter_model(adapter_dir, trainable=False, base_model=adapter_base_model(adapter_dir),
-                                          backend="hf", load_in_4bit=False, dtype=dtype, gradient_checkpointing=False)
+    model, tokenizer = load_adapter_model(adapter_dir, trainable=False, backend="hf", load_in_4bit=False, dtype=dtype,
+                                          gradient_checkpointing=False)
     merged = model.merge_and_unload()
     fix_special_tokens(merged, tokenizer)  # generation_config of the base gets the fixed eos/pad too
     merged.save_pretrained(str(out_dir))

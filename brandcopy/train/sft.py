@@ -14,7 +14,8 @@ from pathlib import Path
 import trl
 
 from brandcopy.backend import prepare_backend
-from brandcopy.config import SFTStageConfig, atomic_write_text
+from brandcopy.config import SFTStageConfig
+from brandcopy.files import atomic_write_text
 from brandcopy.modeling import check_training_example, fix_special_tokens, load_model, save_tokenizer
 from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
 from brandcopy.train.common import (

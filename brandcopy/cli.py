@@ -488,7 +488,6 @@ def _write_source(cfg, model: str) -> str:
 
 def _write_reward_model(cfg, reward_model: str):
     """The reward model ranking clean candidates: the run's finished reward stage unless told otherwise."""
-
     from brandcopy.run import is_complete
 
     if reward_model == "none":

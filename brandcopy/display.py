@@ -98,6 +98,40 @@ def quiet() -> None:
         os.environ.setdefault(name, value)
 
 
+# --- the notebooks' set-up ------------------------------------------------------------------------
+
+
+def notebook_setup(stage, preset: str, run: str, output_root: str, overrides: list[str], loads_models: bool = True):
+    """The set-up cell of every notebook, run right after its parameters: expected warnings quietened (``quiet``),
+    the repository root as working folder (presets use paths relative to it), the stage's config from the preset,
+    and, where the notebook loads models, the backend prepared before anything imports transformers or TRL (on a
+    GPU Unsloth patches them when it is imported, so it must come first).
+
+    Args:
+        stage: The notebook's stage config class (``SFTStageConfig``, ..., ``EvalStageConfig``).
+        preset: The notebook's ``PRESET`` (``auto``, a preset name or a YAML path).
+        run: The notebook's ``RUN``; empty: the preset's.
+        output_root: The notebook's ``OUTPUT_ROOT``; empty: the host's default, else the preset's.
+        overrides: The notebook's ``OVERRIDES`` (``key=value``), plus any the notebook adds.
+        loads_models: False for the data notebooks, which need no backend.
+
+    Returns:
+        ``(cfg, overrides)``: the stage's config and the full override list, for the other stages' configs.
+    """
+    from brandcopy.backend import prepare_backend
+    from brandcopy.demo import explain_preset, run_overrides, stage_config, use_repo_root
+
+    quiet()
+    use_repo_root()
+    overrides = run_overrides(run, output_root, overrides)
+    cfg = stage_config(stage, preset, overrides)
+    print(f"preset:        {explain_preset(preset)}")
+    print(f"run directory: {cfg.run_dir.resolve()}")
+    if loads_models:
+        print(f"backend:       {prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)}")
+    return cfg, overrides
+
+
 # --- progress --------------------------------------------------------------------------------------
 
 

@@ -253,6 +253,7 @@ def test_output_check_flags_what_a_reader_should_not_meet():
                                      "cell 4: 10 progress lines", "cell 5: 100 output lines (limit 60)"]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch, pretrained_tiny_model_dir):
     import shutil

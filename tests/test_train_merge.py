@@ -12,6 +12,7 @@ from brandcopy.modeling import load_adapter_model
 from brandcopy.train.merge import check_merged_output, run_merge
 
 
+@pytest.mark.cpu_only
 def test_merged_model_greedy_output_equals_the_adapter_model(sft_run):
     overrides, sft_dir = sft_run
     cfg = load_stage_config(MergeStageConfig, REPO / "configs" / "tiny-cpu.yaml", overrides + ["merge_from=sft"])

@@ -129,7 +129,38 @@ def notebook_setup(stage, preset: str, run: str, output_root: str, overrides: li
     print(f"run directory: {cfg.run_dir.resolve()}")
     if loads_models:
         print(f"backend:       {prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)}")
+        use_training_bar()  # after prepare_backend: it imports transformers' trainer
     return cfg, overrides
+
+
+def use_training_bar() -> None:
+    """Make every Trainer in this process draw one progress line (``progress_bar``) with the last loss, instead of
+    transformers' notebook table: that one adds a row per logged step and a column per evaluation metric (fourteen
+    for DPO), which a saved notebook shows cut off at the right. The stages' results are printed after training
+    (``stage_results_text``, ``training_table_text``). Idempotent."""
+    import transformers.trainer
+    from transformers import TrainerCallback
+
+    class TrainingBar(TrainerCallback):  # defined here: this module imports nothing heavy when it is imported
+        """The training steps as one ``progress_bar`` line, with the last logged loss."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress_bar(state.max_steps, "train", initial=state.global_step, unit="step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and "loss" in (logs or {}):
+                self.bar.set_postfix_str(f"loss {logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    if transformers.trainer.DEFAULT_PROGRESS_CALLBACK.__name__ != "TrainingBar":
+        transformers.trainer.DEFAULT_PROGRESS_CALLBACK = TrainingBar
 
 
 # --- progress --------------------------------------------------------------------------------------
@@ -271,6 +302,37 @@ def stage_results_text(results: dict) -> str:
         gap = results["eval_loss"] - results["train_loss"]
         lines.append(f"  eval - train loss = {gap:+.2f}: a large positive gap means the model fits the training "
                      "copy better than unseen products (memorising; expected for a tiny model on 126 samples)")
+    return "\n".join(lines)
+
+
+DPO_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
+               "eval_rewards/accuracies": "held-out accuracy"}  # notebook 06 explains each
+
+
+def training_table_text(stage_dir, columns: dict[str, str], rows: int = 8) -> str:
+    """A few columns of a stage's ``metrics.jsonl`` as a short table: at most ``rows`` logged steps, evenly spaced,
+    the last one included. A metric logged at another step than the row's (an evaluation every ``save_steps``)
+    shows its latest value so far; "–" before its first value.
+
+    Args:
+        stage_dir: The stage folder.
+        columns: ``{metrics.jsonl key: column label}``, in column order.
+        rows: Most steps shown.
+    """
+    import json
+    from pathlib import Path
+
+    latest, table = {}, []
+    for line in (Path(stage_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        latest.update({key: record[key] for key in columns if key in record})
+        if any(key in record for key in columns):
+            table.append([record["step"], *[latest.get(key) for key in columns]])
+    picked = sorted({round(i * (len(table) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(table)))})
+    width = [max(6, len(label)) for label in columns.values()]
+    lines = ["step  " + "  ".join(f"{label:>{w}s}" for label, w in zip(columns.values(), width))]
+    for step, *values in (table[i] for i in picked):
+        lines.append(f"{step:4d}  " + "  ".join(f"{'–' if v is None else f'{v:.3f}':>{w}s}" for v, w in zip(values, width)))
     return "\n".join(lines)
 
 

@@ -11,6 +11,10 @@ idempotent and imports nothing heavy, so it can run before ``unsloth`` and ``tra
   missing weight is kept.
 - tqdm's "IProgress not found" warning is dropped, and ``datasets``' per-map bars are off.
 
+``notebook_setup`` is the set-up cell of every notebook (after its parameters): ``quiet()``, the stage's config and,
+where models load, the backend (Unsloth first on a GPU) and ``quiet_transformers()``: one progress line per Trainer
+instead of transformers' table of every logged metric, and no frozen "Loading weights" bar per model loaded.
+
 ``progress_bar`` is the one progress bar of the library: tqdm in a terminal, one line updated in place in a
 notebook (a live bar in Jupyter, a single line in a saved notebook instead of one line per refresh).
 
@@ -129,17 +133,29 @@ def notebook_setup(stage, preset: str, run: str, output_root: str, overrides: li
     print(f"run directory: {cfg.run_dir.resolve()}")
     if loads_models:
         print(f"backend:       {prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)}")
-        use_training_bar()  # after prepare_backend: it imports transformers' trainer
+        quiet_transformers()  # after prepare_backend: it imports transformers
     return cfg, overrides
 
 
-def use_training_bar() -> None:
-    """Make every Trainer in this process draw one progress line (``progress_bar``) with the last loss, instead of
-    transformers' notebook table: that one adds a row per logged step and a column per evaluation metric (fourteen
-    for DPO), which a saved notebook shows cut off at the right. The stages' results are printed after training
-    (``stage_results_text``, ``training_table_text``). Idempotent."""
+def quiet_transformers() -> None:
+    """What transformers draws in a notebook, made readable in a saved one. Idempotent.
+
+    - Every Trainer draws one progress line (``progress_bar``) with the last loss, instead of transformers' notebook
+      table: that one adds a row per logged step and a column per evaluation metric (fourteen for DPO), which a saved
+      notebook shows cut off at the right. The stages print their results after training (``stage_results_text``,
+      ``training_table_text``).
+    - The per-load bars ("Loading weights", "Writing model shards") are off: a saved notebook keeps each widget frozen
+      at 0%, one per model loaded. The hub's download bars stay (a 7B model's first download takes minutes).
+    """
+    import huggingface_hub.utils
     import transformers.trainer
+    import transformers.utils.logging
     from transformers import TrainerCallback
+
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # turns the hub's off too
+    if hub_bars:
+        huggingface_hub.utils.enable_progress_bars()
 
     class TrainingBar(TrainerCallback):  # defined here: this module imports nothing heavy when it is imported
         """The training steps as one ``progress_bar`` line, with the last logged loss."""

@@ -156,15 +156,18 @@ def test_training_table_shows_few_columns_at_evenly_spaced_steps(tmp_path):
     assert "logps" not in "\n".join(lines)
 
 
-def test_notebook_setup_builds_the_stage_config_and_replaces_the_trainers_notebook_table(tmp_path, capsys, monkeypatch):
+def test_notebook_setup_builds_the_config_and_keeps_what_transformers_draws_short(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
+    import huggingface_hub.utils
     import transformers.trainer
+    import transformers.utils.logging
 
     from brandcopy.config import SFTStageConfig
     from brandcopy.display import notebook_setup
 
     monkeypatch.setattr(transformers.trainer, "DEFAULT_PROGRESS_CALLBACK", transformers.trainer.DEFAULT_PROGRESS_CALLBACK)
+    monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)  # restored after the test
     monkeypatch.chdir(REPO / "notebooks")  # where a notebook starts; notebook_setup moves to the repository root
     cfg, overrides = notebook_setup(SFTStageConfig, "tiny-cpu", "nb", str(tmp_path), ["sft_max_steps=3", "grpo_max_steps=2"])
     assert isinstance(cfg, SFTStageConfig) and cfg.sft_max_steps == 3 and cfg.run_dir == tmp_path / "nb"
@@ -179,6 +182,8 @@ def test_notebook_setup_builds_the_stage_config_and_replaces_the_trainers_notebo
         bar.on_log(None, state, None, logs={"loss": 1.0 / state.global_step, "grad_norm": 1.0})
     bar.on_train_end(None, state, None)
     assert bar.bar.n == 4 and bar.bar.postfix == "loss 0.250"
+    assert not transformers.utils.logging.is_progress_bar_enabled()  # no "Loading weights" bar per model
+    assert not huggingface_hub.utils.are_progress_bars_disabled()  # the hub's download bars stay
 
 
 def test_notebook_setup_of_a_data_notebook_imports_no_model_library(tmp_path):

@@ -295,7 +295,7 @@ STAGE_RESULT_NOTES = {
     "heldout_pairwise_accuracy_before": "held-out pairs ranked correctly before training (0.5 = chance)",
     "heldout_pairwise_accuracy": "held-out pairs ranked correctly after training",
     "eval_reward_accuracy": "held-out pairs where the policy prefers chosen over rejected more than the reference does",
-    "rewards": "mean of each GRPO reward over the last logged step",
+    "rewards": "the reward functions GRPO was paid with (weights: grpo_reward_weights)",
     "merged_from": "adapter folded into the base",
     "resumed_from": "checkpoint the stage resumed from",
     "started_from": "adapter the stage started from",
@@ -343,8 +343,12 @@ def training_table_text(stage_dir, columns: dict[str, str], rows: int = 8) -> st
         record = json.loads(line)
         latest.update({key: record[key] for key in columns if key in record})
         if any(key in record for key in columns):
-            table.append([record["step"], *[latest.get(key) for key in columns]])
-    picked = sorted({round(i * (len(table) - 1) / max(rows - 1, 1)) for i in range(min(rows, len(table)))})
+            row = [record["step"], *[latest.get(key) for key in columns]]
+            if table and table[-1][0] == row[0]:
+                table.pop()  # an evaluation logged at a step joins that step's row
+            table.append(row)
+    shown = min(rows, len(table))
+    picked = sorted({round(i * (len(table) - 1) / max(shown - 1, 1)) for i in range(shown)})
     width = [max(6, len(label)) for label in columns.values()]
     lines = ["step  " + "  ".join(f"{label:>{w}s}" for label, w in zip(columns.values(), width))]
     for step, *values in (table[i] for i in picked):

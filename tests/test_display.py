@@ -151,9 +151,11 @@ def test_training_table_shows_few_columns_at_evenly_spaced_steps(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     lines = training_table_text(tmp_path, DPO_COLUMNS, rows=5).splitlines()
     assert lines[0].split() == ["step", "loss", "margin", "accuracy", "held-out", "accuracy"]
-    assert [line.split()[0] for line in lines[1:]] == ["1", "6", "10", "15", "20"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "6", "11", "15", "20"]
     assert lines[1].split()[-1] == "–" and lines[-1].split() == ["20", "0.500", "2.000", "0.500", "0.750"]
     assert "logps" not in "\n".join(lines)
+    assert len(training_table_text(tmp_path, DPO_COLUMNS, rows=30).splitlines()) == 1 + 20  # step 10 once, with its evaluation
+    assert training_table_text(tmp_path, DPO_COLUMNS, rows=30).splitlines()[10].split()[-1] == "0.750"
 
 
 def test_notebook_setup_builds_the_config_and_keeps_what_transformers_draws_short(tmp_path, capsys, monkeypatch):

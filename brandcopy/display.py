@@ -196,15 +196,19 @@ class NotebookBar(tqdm):
     """tqdm drawn through one IPython display handle: an HTML bar while it runs, one text line once saved."""
 
     def __init__(self, *args, **kwargs):
-        from IPython.display import display
-
-        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+        self._handle = None  # made at the first draw: a bar that never shows (``delay``) leaves no empty output
         super().__init__(*args, file=io.StringIO(), **kwargs)  # the display handle draws, not a stream
 
     def display(self, msg=None, pos=None):
+        from IPython.display import display
+
         line = msg or self.format_meter(**self.format_dict)
         bar = f'<progress value="{self.n}" max="{self.total or 1}"></progress> '
-        self._handle.update({"text/plain": line, "text/html": bar + html.escape(line)}, raw=True)
+        data = {"text/plain": line, "text/html": bar + html.escape(line)}
+        if self._handle is None:
+            self._handle = display(data, raw=True, display_id=True)
+        else:
+            self._handle.update(data, raw=True)
         return True
 
 

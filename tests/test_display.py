@@ -198,3 +198,28 @@ def test_notebook_setup_of_a_data_notebook_imports_no_model_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "notebooks", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "[]" and "backend:" not in result.stdout
+
+
+def test_a_notebook_bar_that_never_shows_leaves_no_output(monkeypatch):
+    import IPython.display
+
+    from brandcopy.display import NotebookBar
+
+    shown = []
+
+    class Handle:
+        def update(self, data, raw):
+            shown.append(data["text/plain"])
+
+    def display(data, raw, display_id):
+        shown.append(data["text/plain"])
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    with NotebookBar(total=3, desc="fast", delay=60) as bar:  # done before its delay: never drawn
+        bar.update(3)
+    assert shown == []
+    with NotebookBar(total=2, desc="slow", mininterval=0) as bar:
+        bar.update(1)
+        bar.update(1)
+    assert shown[0].startswith("slow:   0%") and shown[-1].startswith("slow: 100%")

@@ -11,6 +11,10 @@ idempotent and imports nothing heavy, so it can run before ``unsloth`` and ``tra
   missing weight is kept.
 - tqdm's "IProgress not found" warning is dropped, and ``datasets``' per-map bars are off.
 
+``notebook_setup`` is the set-up cell of every notebook (after its parameters): ``quiet()``, the stage's config and,
+where models load, the backend (Unsloth first on a GPU) and ``quiet_transformers()``: one progress line per Trainer
+instead of transformers' table of every logged metric, and no frozen "Loading weights" bar per model loaded.
+
 ``progress_bar`` is the one progress bar of the library: tqdm in a terminal, one line updated in place in a
 notebook (a live bar in Jupyter, a single line in a saved notebook instead of one line per refresh).
 
@@ -98,6 +102,83 @@ def quiet() -> None:
         os.environ.setdefault(name, value)
 
 
+# --- the notebooks' set-up ------------------------------------------------------------------------
+
+
+def notebook_setup(stage, preset: str, run: str, output_root: str, overrides: list[str], loads_models: bool = True):
+    """The set-up cell of every notebook, run right after its parameters: expected warnings quietened (``quiet``),
+    the repository root as working folder (presets use paths relative to it), the stage's config from the preset,
+    and, where the notebook loads models, the backend prepared before anything imports transformers or TRL (on a
+    GPU Unsloth patches them when it is imported, so it must come first).
+
+    Args:
+        stage: The notebook's stage config class (``SFTStageConfig``, ..., ``EvalStageConfig``).
+        preset: The notebook's ``PRESET`` (``auto``, a preset name or a YAML path).
+        run: The notebook's ``RUN``; empty: the preset's.
+        output_root: The notebook's ``OUTPUT_ROOT``; empty: the host's default, else the preset's.
+        overrides: The notebook's ``OVERRIDES`` (``key=value``), plus any the notebook adds.
+        loads_models: False for the data notebooks, which need no backend.
+
+    Returns:
+        ``(cfg, overrides)``: the stage's config and the full override list, for the other stages' configs.
+    """
+    from brandcopy.backend import prepare_backend
+    from brandcopy.demo import explain_preset, run_overrides, stage_config, use_repo_root
+
+    quiet()
+    use_repo_root()
+    overrides = run_overrides(run, output_root, overrides)
+    cfg = stage_config(stage, preset, overrides)
+    print(f"preset:        {explain_preset(preset)}")
+    print(f"run directory: {cfg.run_dir.resolve()}")
+    if loads_models:
+        print(f"backend:       {prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)}")
+        quiet_transformers()  # after prepare_backend: it imports transformers
+    return cfg, overrides
+
+
+def quiet_transformers() -> None:
+    """What transformers draws in a notebook, made readable in a saved one. Idempotent.
+
+    - Every Trainer draws one progress line (``progress_bar``) with the last loss, instead of transformers' notebook
+      table: that one adds a row per logged step and a column per evaluation metric (fourteen for DPO), which a saved
+      notebook shows cut off at the right. The stages print their results after training (``stage_results_text``,
+      ``training_table_text``).
+    - The per-load bars ("Loading weights", "Writing model shards") are off: a saved notebook keeps each widget frozen
+      at 0%, one per model loaded. The hub's download bars stay (a 7B model's first download takes minutes).
+    """
+    import huggingface_hub.utils
+    import transformers.trainer
+    import transformers.utils.logging
+    from transformers import TrainerCallback
+
+    hub_bars = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # turns the hub's off too
+    if hub_bars:
+        huggingface_hub.utils.enable_progress_bars()
+
+    class TrainingBar(TrainerCallback):  # defined here: this module imports nothing heavy when it is imported
+        """The training steps as one ``progress_bar`` line, with the last logged loss."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress_bar(state.max_steps, "train", initial=state.global_step, unit="step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and "loss" in (logs or {}):
+                self.bar.set_postfix_str(f"loss {logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    if transformers.trainer.DEFAULT_PROGRESS_CALLBACK.__name__ != "TrainingBar":
+        transformers.trainer.DEFAULT_PROGRESS_CALLBACK = TrainingBar
+
+
 # --- progress --------------------------------------------------------------------------------------
 
 
@@ -115,15 +196,19 @@ class NotebookBar(tqdm):
     """tqdm drawn through one IPython display handle: an HTML bar while it runs, one text line once saved."""
 
     def __init__(self, *args, **kwargs):
-        from IPython.display import display
-
-        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+        self._handle = None  # made at the first draw: a bar that never shows (``delay``) leaves no empty output
         super().__init__(*args, file=io.StringIO(), **kwargs)  # the display handle draws, not a stream
 
     def display(self, msg=None, pos=None):
+        from IPython.display import display
+
         line = msg or self.format_meter(**self.format_dict)
         bar = f'<progress value="{self.n}" max="{self.total or 1}"></progress> '
-        self._handle.update({"text/plain": line, "text/html": bar + html.escape(line)}, raw=True)
+        data = {"text/plain": line, "text/html": bar + html.escape(line)}
+        if self._handle is None:
+            self._handle = display(data, raw=True, display_id=True)
+        else:
+            self._handle.update(data, raw=True)
         return True
 
 
@@ -214,7 +299,7 @@ STAGE_RESULT_NOTES = {
     "heldout_pairwise_accuracy_before": "held-out pairs ranked correctly before training (0.5 = chance)",
     "heldout_pairwise_accuracy": "held-out pairs ranked correctly after training",
     "eval_reward_accuracy": "held-out pairs where the policy prefers chosen over rejected more than the reference does",
-    "rewards": "mean of each GRPO reward over the last logged step",
+    "rewards": "the reward functions GRPO was paid with (weights: grpo_reward_weights)",
     "merged_from": "adapter folded into the base",
     "resumed_from": "checkpoint the stage resumed from",
     "started_from": "adapter the stage started from",
@@ -237,6 +322,41 @@ def stage_results_text(results: dict) -> str:
         gap = results["eval_loss"] - results["train_loss"]
         lines.append(f"  eval - train loss = {gap:+.2f}: a large positive gap means the model fits the training "
                      "copy better than unseen products (memorising; expected for a tiny model on 126 samples)")
+    return "\n".join(lines)
+
+
+DPO_COLUMNS = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
+               "eval_rewards/accuracies": "held-out accuracy"}  # notebook 06 explains each
+
+
+def training_table_text(stage_dir, columns: dict[str, str], rows: int = 8) -> str:
+    """A few columns of a stage's ``metrics.jsonl`` as a short table: at most ``rows`` logged steps, evenly spaced,
+    the last one included. A metric logged at another step than the row's (an evaluation every ``save_steps``)
+    shows its latest value so far; "–" before its first value.
+
+    Args:
+        stage_dir: The stage folder.
+        columns: ``{metrics.jsonl key: column label}``, in column order.
+        rows: Most steps shown.
+    """
+    import json
+    from pathlib import Path
+
+    latest, table = {}, []
+    for line in (Path(stage_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        latest.update({key: record[key] for key in columns if key in record})
+        if any(key in record for key in columns):
+            row = [record["step"], *[latest.get(key) for key in columns]]
+            if table and table[-1][0] == row[0]:
+                table.pop()  # an evaluation logged at a step joins that step's row
+            table.append(row)
+    shown = min(rows, len(table))
+    picked = sorted({round(i * (len(table) - 1) / max(shown - 1, 1)) for i in range(shown)})
+    width = [max(6, len(label)) for label in columns.values()]
+    lines = ["step  " + "  ".join(f"{label:>{w}s}" for label, w in zip(columns.values(), width))]
+    for step, *values in (table[i] for i in picked):
+        lines.append(f"{step:4d}  " + "  ".join(f"{'–' if v is None else f'{v:.3f}':>{w}s}" for v, w in zip(values, width)))
     return "\n".join(lines)
 
 

@@ -7,6 +7,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# --- markers: gpu and cpu_only (pyproject.toml) -------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip without CUDA; ``cpu_only`` tests (they assert what a machine without CUDA does) skip with it."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="needs CUDA" if not cuda else "asserts CPU-only behaviour; CUDA is present")
+    for item in items:
+        if ("gpu" in item.keywords and not cuda) or ("cpu_only" in item.keywords and cuda):
+            item.add_marker(skip)
+
+
 # --- modeling (tiny model) -------------------------------------------------------------------
 
 

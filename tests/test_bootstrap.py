@@ -201,6 +201,7 @@ def execute_alone(notebook: Path, folder: Path, parameters: dict) -> str:
     return cell_text(book)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_colab_notebook_opened_alone_clones_and_runs_its_first_stage(tmp_path, monkeypatch):
     origin = working_tree_origin(tmp_path / "origin")

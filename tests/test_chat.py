@@ -122,6 +122,7 @@ def test_write_sends_the_training_prompt_of_the_chosen_product_and_type(tiny_mod
     assert state.messages[2]["content"] == _expected(alone, alone_tokenizer, state.messages[:2])
 
 
+@pytest.mark.cpu_only
 def test_chat_without_config_picks_the_cpu_preset_and_fails_in_one_line(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -35,6 +35,7 @@ def test_unknown_or_mistyped_override_is_an_error_naming_the_key():
         stage_config(GRPOStageConfig, "tiny-cpu", ["grpo_max_steps=many"])
 
 
+@pytest.mark.cpu_only
 def test_preset_path_names_the_shipped_presets():
     assert preset_path("auto").name == "tiny-cpu.yaml"  # no CUDA in the test environment
     assert preset_path("qwen2.5-7b-24gb").is_file()

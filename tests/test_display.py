@@ -2,6 +2,8 @@
 
 import logging
 
+from conftest import REPO
+
 from brandcopy.brand import load_brand
 from brandcopy.display import (
     BNB_CPU_LOGGER,
@@ -136,3 +138,88 @@ def test_the_progress_bar_is_plain_tqdm_outside_a_notebook():
     bar.update(2)
     assert type(bar) is tqdm and bar.n == 3 and not isinstance(bar, NotebookBar)
     bar.close()
+
+
+def test_training_table_shows_few_columns_at_evenly_spaced_steps(tmp_path):
+    import json
+
+    from brandcopy.display import DPO_COLUMNS, training_table_text
+
+    records = [{"step": s, "loss": 0.7 - s / 100, "rewards/margins": s / 10, "rewards/accuracies": 0.5,
+                "logps/chosen": -80.0, "logits/rejected": 1.0} for s in range(1, 21)]
+    records.insert(10, {"step": 10, "eval_loss": 0.6, "eval_rewards/accuracies": 0.75})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    lines = training_table_text(tmp_path, DPO_COLUMNS, rows=5).splitlines()
+    assert lines[0].split() == ["step", "loss", "margin", "accuracy", "held-out", "accuracy"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "6", "11", "15", "20"]
+    assert lines[1].split()[-1] == "–" and lines[-1].split() == ["20", "0.500", "2.000", "0.500", "0.750"]
+    assert "logps" not in "\n".join(lines)
+    assert len(training_table_text(tmp_path, DPO_COLUMNS, rows=30).splitlines()) == 1 + 20  # step 10 once, with its evaluation
+    assert training_table_text(tmp_path, DPO_COLUMNS, rows=30).splitlines()[10].split()[-1] == "0.750"
+
+
+def test_notebook_setup_builds_the_config_and_keeps_what_transformers_draws_short(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub.utils
+    import transformers.trainer
+    import transformers.utils.logging
+
+    from brandcopy.config import SFTStageConfig
+    from brandcopy.display import notebook_setup
+
+    monkeypatch.setattr(transformers.trainer, "DEFAULT_PROGRESS_CALLBACK", transformers.trainer.DEFAULT_PROGRESS_CALLBACK)
+    monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)  # restored after the test
+    monkeypatch.chdir(REPO / "notebooks")  # where a notebook starts; notebook_setup moves to the repository root
+    cfg, overrides = notebook_setup(SFTStageConfig, "tiny-cpu", "nb", str(tmp_path), ["sft_max_steps=3", "grpo_max_steps=2"])
+    assert isinstance(cfg, SFTStageConfig) and cfg.sft_max_steps == 3 and cfg.run_dir == tmp_path / "nb"
+    assert overrides == ["run=nb", f"output_root={tmp_path}", "sft_max_steps=3", "grpo_max_steps=2"]
+    printed = capsys.readouterr().out
+    assert "tiny-cpu.yaml" in printed and f"run directory: {tmp_path / 'nb'}" in printed and "backend:       hf" in printed
+    bar = transformers.trainer.DEFAULT_PROGRESS_CALLBACK()
+    state = SimpleNamespace(max_steps=4, global_step=0)
+    bar.on_train_begin(None, state, None)
+    for state.global_step in (1, 2, 3, 4):
+        bar.on_step_end(None, state, None)
+        bar.on_log(None, state, None, logs={"loss": 1.0 / state.global_step, "grad_norm": 1.0})
+    bar.on_train_end(None, state, None)
+    assert bar.bar.n == 4 and bar.bar.postfix == "loss 0.250"
+    assert not transformers.utils.logging.is_progress_bar_enabled()  # no "Loading weights" bar per model
+    assert not huggingface_hub.utils.are_progress_bars_disabled()  # the hub's download bars stay
+
+
+def test_notebook_setup_of_a_data_notebook_imports_no_model_library(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from brandcopy.config import SFTStageConfig; from brandcopy.display import notebook_setup; "
+            f"notebook_setup(SFTStageConfig, 'tiny-cpu', 'nb', {str(tmp_path)!r}, [], loads_models=False); "
+            "print(sorted(m for m in ('transformers', 'trl', 'peft', 'unsloth') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "notebooks", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]" and "backend:" not in result.stdout
+
+
+def test_a_notebook_bar_that_never_shows_leaves_no_output(monkeypatch):
+    import IPython.display
+
+    from brandcopy.display import NotebookBar
+
+    shown = []
+
+    class Handle:
+        def update(self, data, raw):
+            shown.append(data["text/plain"])
+
+    def display(data, raw, display_id):
+        shown.append(data["text/plain"])
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    with NotebookBar(total=3, desc="fast", delay=60) as bar:  # done before its delay: never drawn
+        bar.update(3)
+    assert shown == []
+    with NotebookBar(total=2, desc="slow", mininterval=0) as bar:
+        bar.update(1)
+        bar.update(1)
+    assert shown[0].startswith("slow:   0%") and shown[-1].startswith("slow: 100%")

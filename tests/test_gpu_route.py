@@ -94,6 +94,7 @@ def test_doctor_fails_when_nvidia_smi_sees_a_gpu_torch_cannot_use(tmp_path):
     assert problem and "RTX 4090" in problem[0] and "535.104.05" in problem[0]
 
 
+@pytest.mark.cpu_only
 def test_gpu_preset_stops_at_start_up_without_cuda(tmp_path):
     result = _cli("train", "sft", "--config", str(PRESET_7B), f"output_root={tmp_path}")
     assert result.returncode == 2
@@ -349,6 +350,7 @@ def test_gguf_without_llama_cpp_is_reported_before_loading(monkeypatch, tmp_path
 # --- the one-command check -----------------------------------------------------------------------------
 
 
+@pytest.mark.cpu_only
 def test_gpu_check_without_cuda_prints_one_line_and_does_nothing(tmp_path):
     result = _cli("gpu-check", "--output-root", str(tmp_path))
     assert result.returncode == 0

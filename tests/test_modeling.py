@@ -188,6 +188,7 @@ def test_load_adapter_model_restores_trained_adapter(tiny_model_dir, tmp_path):
     assert all(torch.equal(trained[n], p.detach()) for n, p in resumed.named_parameters() if n in trained)
 
 
+@pytest.mark.cpu_only
 def test_auto_backend_picks_hf_without_cuda(tiny_model_dir, caplog):
     with caplog.at_level(logging.INFO, logger="brandcopy.backend"):
         model, _ = load_model(tiny_model_dir)
@@ -230,6 +231,7 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.cpu_only
 def test_load_model_unsloth_cpu_fallback_trains_lora(tiny_model_dir, tmp_path):
     pytest.importorskip("unsloth")  # find_spec only: importing unsloth here would patch trl for every test
     result = subprocess.run(

@@ -76,16 +76,29 @@ def test_cells_only_wire_library_calls(path):
         assert "re" not in modules, f"{path.name}: regexes belong in the library"
 
 
+def imported_modules(source: str) -> set[str]:
+    tree = ast.parse(source)
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return modules | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
-def test_unsloth_is_imported_first_where_models_load(path):
-    """Right after the bootstrap cell (which installs it on Colab), before anything imports transformers."""
-    cells = code_cells(read(path))[1:]
-    imports_unsloth = ["prepare_backend(" in cell.source or "import unsloth" in cell.source for cell in cells]
-    if path.stem in LOADS_MODELS:
-        assert imports_unsloth[0] and "from brandcopy.backend import prepare_backend" in cells[0].source
-        imported = {a.name for n in ast.walk(ast.parse(cells[0].source)) if isinstance(n, ast.Import) for a in n.names}
-        assert not imported & {"trl", "transformers", "peft"}
-    assert not any(imports_unsloth[1:])
+def test_one_setup_cell_and_unsloth_imported_first_where_models_load(path):
+    """The cell after the parameters calls ``display.notebook_setup`` (quiet, config, and where models load the backend:
+    Unsloth imported before anything imports transformers); nothing before it imports a library, nothing after it
+    repeats the set-up."""
+    book = read(path)
+    cells = code_cells(book)
+    index = next(i for i, cell in enumerate(cells) if "parameters" in cell.metadata.get("tags", []))
+    assert index == 1, "the parameters come right after the bootstrap cell"
+    assert not imported_modules(cells[index].source)
+    setup = cells[index + 1].source
+    assert "notebook_setup(" in setup
+    assert ("loads_models=False" not in setup) == (path.stem in LOADS_MODELS)
+    assert not imported_modules(setup) & {"trl", "transformers", "peft", "unsloth", "torch"}
+    for cell in cells[index + 2:]:
+        assert not any(call in cell.source for call in ("prepare_backend(", "import unsloth", "notebook_setup(", "quiet()"))
+        assert "use_repo_root" not in cell.source and "run_overrides" not in cell.source
 
 
 # --- drift: every brandcopy name a notebook uses exists and accepts the call ------------------------
@@ -240,6 +253,7 @@ def test_output_check_flags_what_a_reader_should_not_meet():
                                      "cell 4: 10 progress lines", "cell 5: 100 output lines (limit 60)"]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_notebooks_execute_in_order_on_tiny_cpu(tmp_path, monkeypatch, pretrained_tiny_model_dir):
     import shutil

@@ -7,11 +7,12 @@ import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from brandcopy.config import ConfigError, MergeStageConfig, load_stage_config
+from brandcopy.config import ConfigError, EvalStageConfig, MergeStageConfig, load_stage_config
 from brandcopy.modeling import load_adapter_model
-from brandcopy.train.merge import run_merge
+from brandcopy.train.merge import check_merged_output, run_merge
 
 
+@pytest.mark.cpu_only
 def test_merged_model_greedy_output_equals_the_adapter_model(sft_run):
     overrides, sft_dir = sft_run
     cfg = load_stage_config(MergeStageConfig, REPO / "configs" / "tiny-cpu.yaml", overrides + ["merge_from=sft"])
@@ -40,3 +41,13 @@ def test_gguf_needs_unsloth(tmp_path):
                             [f"output_root={tmp_path}", "merge_gguf=q4_k_m"])
     with pytest.raises(ConfigError, match="merge_gguf='q4_k_m' needs backend: unsloth"):
         run_merge(cfg)
+
+
+def test_check_merged_output_counts_identical_greedy_outputs(sft_run):
+    overrides, _ = sft_run
+    run_merge(load_stage_config(MergeStageConfig, REPO / "configs" / "tiny-cpu.yaml", overrides + ["merge_from=sft"]))
+    cfg = load_stage_config(EvalStageConfig, REPO / "configs" / "tiny-cpu.yaml", overrides + ["eval_max_new_tokens=12"])
+    check = check_merged_output(cfg, "sft", n=2)
+    assert str(check) == "identical greedy output on 2 of 2 prompts"
+    assert [g.token_ids for g in check.adapter_outputs] == [g.token_ids for g in check.merged_outputs]
+    assert all(g.new_tokens > 0 for g in check.merged_outputs)

@@ -11,6 +11,7 @@ merge never leaves a half-written ``merged`` folder.
 """
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from brandcopy.modeling import (
 )
 from brandcopy.run import require_stage, sha256_file, write_manifest
 
-__all__ = ["MergeStageConfig", "run_merge", "merge_hf", "merge_unsloth"]
+__all__ = ["MergeStageConfig", "run_merge", "merge_hf", "merge_unsloth", "MergeCheck", "check_merged_output"]
 
 
 def merge_hf(adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -83,3 +84,49 @@ def run_merge(cfg: MergeStageConfig) -> Path:
     write_manifest(cfg, [], {"merged_from": str(source), "base_model": adapter_base_model(source),
                              "dtype": cfg.merge_dtype, "adapter_sha256": {p.name: sha256_file(p) for p in adapter_files}})
     return cfg.out_dir
+
+
+@dataclass
+class MergeCheck:
+    """The merged model's greedy output against the adapter's on the same val prompts.
+
+    Attributes:
+        adapter: The adapter stage the merge folded in (``merge_from``).
+        identical: Prompts whose generated token ids are the same for both models.
+        adapter_outputs: The adapter model's generations, in prompt order.
+        merged_outputs: The merged model's generations, in prompt order.
+    """
+
+    adapter: str
+    identical: int
+    adapter_outputs: list
+    merged_outputs: list
+
+    def __str__(self) -> str:
+        return f"identical greedy output on {self.identical} of {len(self.merged_outputs)} prompts"
+
+
+def check_merged_output(cfg, adapter: str, n: int = 3) -> MergeCheck:
+    """Generate greedily from ``<run>/<adapter>`` and ``<run>/merged`` on the first ``n`` val prompts and count the
+    prompts where both produce the same token ids. With a float32 merge on CPU all ``n`` must match; on a GPU the
+    adapter ran over 4-bit weights, so expect close but not always identical output.
+
+    Args:
+        cfg: The run's ``EvalStageConfig`` (model loading options, ``eval_max_new_tokens``).
+        adapter: The merged adapter stage (the merge stage's ``merge_from``).
+        n: Number of val prompts.
+    """
+    from brandcopy.brand import load_brand
+    from brandcopy.evaluate import load_eval_model, val_records
+    from brandcopy.generation import GenerationParams, generate_batch
+    from brandcopy.prompts import chat_messages
+
+    brand = load_brand(cfg.brand)
+    prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in val_records(brand, n)]
+    params = GenerationParams(max_new_tokens=cfg.eval_max_new_tokens)
+    outputs = {}
+    for name in (adapter, "merged"):
+        model, tokenizer = load_eval_model(cfg, name)
+        outputs[name] = generate_batch(model, tokenizer, prompts, params)
+    identical = sum(a.token_ids == b.token_ids for a, b in zip(outputs[adapter], outputs["merged"]))
+    return MergeCheck(adapter, identical, outputs[adapter], outputs["merged"])

@@ -426,7 +426,6 @@ def eval_overview_markdown(eval_dir, link_from=None) -> str:
 def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
     """The first ``n`` val prompts of an evaluation: golden copy and each model's greedy copy, readable
     (``sample_text``: blank runs collapsed, a mark where the model never emitted ``<|im_end|>``)."""
-    import json
     from pathlib import Path
 
     from brandcopy.demo import eval_samples

@@ -129,6 +129,7 @@ class RewardStageConfig(CommonConfig):
     reward_max_steps: int = -1
     reward_per_device_train_batch_size: int = 2
     reward_gradient_accumulation_steps: int = 4
+    reward_eval_pairs: int = 0  # held-out pairs scored at each evaluation and before/after training; 0 = all
 
 
 @dataclass

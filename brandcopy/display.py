@@ -339,12 +339,12 @@ def training_table_text(stage_dir, columns: dict[str, str], rows: int = 8) -> st
         columns: ``{metrics.jsonl key: column label}``, in column order.
         rows: Most steps shown.
     """
-    import json
     from pathlib import Path
 
+    from brandcopy.run import read_metrics
+
     latest, table = {}, []
-    for line in (Path(stage_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_metrics(Path(stage_dir) / "metrics.jsonl"):
         latest.update({key: record[key] for key in columns if key in record})
         if any(key in record for key in columns):
             row = [record["step"], *[latest.get(key) for key in columns]]

@@ -52,7 +52,7 @@ from brandcopy.metrics import Sample, completion_loss, offline_metrics, preferen
 from brandcopy.modeling import fix_special_tokens, load_adapter_model, load_model
 from brandcopy.prompts import chat_messages
 from brandcopy.rewards import cta_reward, fact_reward, format_reward, lint_reward
-from brandcopy.run import DATA_KINDS, data_file, is_complete, read_data_file, require_stage, write_manifest
+from brandcopy.run import DATA_KINDS, data_file, is_complete, read_data_file, require_stage, spread, write_manifest
 
 __all__ = ["EvalStageConfig", "run_eval", "models_to_evaluate", "judge_endpoint"]
 
@@ -240,7 +240,8 @@ def generate_all(cfg: EvalStageConfig, brand, results: EvalResults) -> None:
     """
     prompts = [chat_messages(brand, r["product_id"], r["content_type"]) for r in results.records]
     golden = [chat_messages(brand, r["product_id"], r["content_type"], r["text"]) for r in results.records]
-    pairs = preference_rows(cfg)[: cfg.eval_preference_pairs or None]
+    rows = preference_rows(cfg)
+    pairs = [rows[i] for i in spread(len(rows), cfg.eval_preference_pairs)]
     checks = load_ifeval_prompts(max_prompts=cfg.eval_ifeval_max_samples) if cfg.eval_ifeval else []
     for name in results.models:
         evaluate_model(cfg, name, prompts, golden, pairs, checks, results)

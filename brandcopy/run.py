@@ -84,6 +84,17 @@ def read_data_file(path: str | Path, required: tuple[str, ...] | dict[str, str] 
     return rows
 
 
+def spread(count: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(count)`` (all of them when ``n`` is 0 or at least ``count``).
+
+    Held-out pair files are grouped by product and content type: a prefix would score a few
+    products only, an even spread scores them all.
+    """
+    if not n or n >= count:
+        return list(range(count))
+    return [i * count // n for i in range(n)]
+
+
 def begin_stage(cfg) -> str | None:
     """Prepare ``cfg.out_dir`` for a (re)run and say on the console what happens to it.
 

@@ -134,3 +134,10 @@ def test_saved_weights_follow_the_umask_not_safetensors_0600(tiny_model_dir, sft
     for folder, reference in ((tiny_model_dir, "config.json"), (stage, "manifest.json")):
         expected = stat.S_IMODE((folder / reference).stat().st_mode)
         assert {stat.S_IMODE(p.stat().st_mode) for p in folder.glob("*.safetensors")} == {expected}
+
+
+def test_spread_picks_held_out_rows_across_the_whole_file():
+    from brandcopy.run import spread
+
+    assert spread(10, 4) == [0, 2, 5, 7]  # not the first four: pair files are grouped by product
+    assert spread(3, 0) == [0, 1, 2] and spread(3, 8) == [0, 1, 2]

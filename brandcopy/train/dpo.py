@@ -17,7 +17,16 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import DPOStageConfig
 from brandcopy.modeling import fix_special_tokens, load_adapter_model
-from brandcopy.run import DATA_KINDS, MetricsCallback, begin_stage, data_file, finish_stage, read_data_file, require_stage
+from brandcopy.run import (
+    DATA_KINDS,
+    MetricsCallback,
+    begin_stage,
+    data_file,
+    finish_stage,
+    read_data_file,
+    require_stage,
+    spread,
+)
 from brandcopy.train.common import (
     changed_params,
     final_eval,
@@ -68,7 +77,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
     train = train_pairs(cfg)
     val = load_split(cfg.data_path, "preference", "val")
     if cfg.dpo_eval_pairs:  # every evaluation scores each pair with the policy and the reference: keep it small
-        val = val.select(range(min(cfg.dpo_eval_pairs, len(val))))
+        val = val.select(spread(len(val), cfg.dpo_eval_pairs))
     source = require_stage(cfg.run_dir, cfg.dpo_from, "dpo")
     resume_from = begin_stage(cfg)
     model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,

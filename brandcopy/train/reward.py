@@ -17,7 +17,7 @@ import trl
 from brandcopy.backend import prepare_backend
 from brandcopy.config import RewardStageConfig
 from brandcopy.modeling import bnb_4bit_config, default_dtype, score_conversations
-from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage
+from brandcopy.run import MetricsCallback, begin_stage, data_file, finish_stage, spread
 from brandcopy.train.common import changed_params, load_split, param_fingerprint, trl_config
 
 __all__ = ["RewardStageConfig", "run_reward", "pairwise_accuracy"]
@@ -58,6 +58,7 @@ def run_reward(cfg: RewardStageConfig, callbacks: list | tuple = ()) -> Path:
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     train = load_split(cfg.data_path, "preference", "train")
     val = load_split(cfg.data_path, "preference", "val")
+    val = val.select(spread(len(val), cfg.reward_eval_pairs))  # scored at every evaluation and twice more
     resume_from = begin_stage(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     quantization = bnb_4bit_config(default_dtype()) if cfg.load_in_4bit else None

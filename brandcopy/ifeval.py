@@ -21,6 +21,7 @@ from pathlib import Path
 
 from brandcopy.files import DataFileError, jsonl_rows
 from brandcopy.generation import GenerationParams, generate_batch
+from brandcopy.lint import copy_length
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "ifeval_zh.jsonl"
 PARAMS = GenerationParams("ifeval", max_new_tokens=512)  # greedy: the check measures the weights, not luck
@@ -30,17 +31,13 @@ class IFEvalDataError(ValueError):
     """A malformed line of the prompt file; the message names file, line and field."""
 
 
-def _chars(text: str) -> int:
-    return sum(not ch.isspace() for ch in text)
-
-
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def check_length(text: str, min: int, max: int) -> bool:
     """Characters without whitespace within [min, max] (the unit of the brand's length rules too)."""
-    return min <= _chars(text) <= max
+    return min <= copy_length(text) <= max
 
 
 def check_include(text: str, words: list[str]) -> bool:

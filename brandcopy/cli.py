@@ -323,15 +323,10 @@ def train_grpo(config: str = _CONFIG, overrides: list[str] = _OVERRIDES):
     from brandcopy.config import GRPOStageConfig
 
     cfg = _stage_config_or_exit(GRPOStageConfig, config, overrides)
-    from brandcopy.brand import load_brand
-    from brandcopy.mockserver import endpoint
+    from brandcopy.demo import judged
     from brandcopy.train.grpo import judge_endpoint, run_grpo
 
-    def run_judged(cfg):  # a preset's `scripted` judge serves for the whole stage
-        with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
-            return run_grpo(cfg, judge=judge)
-
-    _run_stage(run_judged, cfg)
+    _run_stage(lambda cfg: judged(run_grpo, cfg, judge_endpoint), cfg)  # a `scripted` judge serves for the whole stage
 
 
 @app.command("merge")
@@ -396,14 +391,13 @@ def eval_command(
     from brandcopy.config import ConfigError, EvalStageConfig
 
     cfg = _stage_config_or_exit(EvalStageConfig, config, overrides)
-    from brandcopy.brand import BrandDataError, load_brand
+    from brandcopy.brand import BrandDataError
+    from brandcopy.demo import judged
     from brandcopy.evaluate import judge_endpoint, run_eval
-    from brandcopy.mockserver import endpoint
     from brandcopy.run import StageInputError
 
     with _bad_input(ConfigError, StageInputError, BrandDataError, ValueError, FileNotFoundError):
-        with endpoint(judge_endpoint(cfg), load_brand(cfg.brand)) as judge:
-            out = run_eval(cfg, judge)
+        out = judged(run_eval, cfg, judge_endpoint)
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(("PARTIAL report: " if "**PARTIAL**" in report else "report: ") + str(out / "report.md"))
 

@@ -237,13 +237,22 @@ def shorten(text: str, limit: int) -> str:
     return text[: cut if cut > limit // 2 else limit].rstrip() + "…"
 
 
-def sample_text(text: str, stopped: bool | None = None, limit: int = 300) -> str:
+def sample_text(text: str, stopped: bool | None = None, limit: int = 300, max_lines: int = 8) -> str:
     """A generated copy made readable: control characters and broken bytes shown as ``·``, runs of blank lines
-    collapsed to one marker, cut at ``limit``, and a mark when the model never emitted ``<|im_end|>``."""
+    collapsed to one marker, cut at ``limit`` characters and ``max_lines`` lines (a model that has not learnt to
+    stop can emit hundreds of short lines in a few hundred characters), and a mark when the model never emitted
+    ``<|im_end|>``. ``max_lines=1`` puts the copy on one line, its line breaks shown as ``⏎``."""
     text = _CONTROL.sub("·", text.replace("\r", "")).strip()
     text = _BLANK_RUN.sub(lambda m: f"\n⏎×{m.group(0).count(chr(10)) - 1}\n", text)
     text = shorten(text, limit) if text else "(empty)"
-    return f"{text}\n{NO_STOP}" if stopped is False else text
+    lines = text.split("\n")
+    if max_lines <= 1:
+        text = " ⏎ ".join(line.strip() for line in lines)
+    elif len(lines) > max_lines:
+        text = "\n".join(lines[: max_lines - 1] + [f"… (+{len(lines) - max_lines + 1} more lines)"])
+    if stopped is False:
+        return f"{text} {NO_STOP}" if max_lines <= 1 else f"{text}\n{NO_STOP}"
+    return text
 
 
 def run_summary_text(summary, label: str = "") -> str:
@@ -423,9 +432,30 @@ def eval_overview_markdown(eval_dir, link_from=None) -> str:
                       f"Everything else (per content type, sampled decoding, charts, failures): [report.md]({link})"])
 
 
+def write_results_text(brand, results, limit: int = 300, max_lines: int = 8, max_reasons: int = 5) -> str:
+    """``write_copy``'s results for a notebook: per request the chosen copy (``sample_text``: at most ``limit``
+    characters and ``max_lines`` lines) or the first ``max_reasons`` reasons nothing passed. ``results.md`` keeps
+    the whole copy and every reason."""
+    lines = []
+    for r in results:
+        product = brand.product(r.request.product_id)
+        lines.append(f"=== {r.request.id}: {product.name} · {brand.content_type(r.request.content_type).name_zh}")
+        if r.status == "passed":
+            clean = sum(c.clean for c in r.candidates)
+            lines.append(f"passed ({clean}/{len(r.candidates)} candidates clean, ranked by {r.ranked_by})")
+            lines.append(sample_text(r.text, None, limit, max_lines))
+        else:
+            lines.append(f"failed: none of {len(r.candidates)} candidates passed the brand and fact checks")
+            lines += [f"- {reason}" for reason in r.reasons[:max_reasons]]
+            if len(r.reasons) > max_reasons:
+                lines.append(f"- … {len(r.reasons) - max_reasons} more in results.md")
+    return "\n".join(lines)
+
+
 def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
-    """The first ``n`` val prompts of an evaluation: golden copy and each model's greedy copy, readable
-    (``sample_text``: blank runs collapsed, a mark where the model never emitted ``<|im_end|>``)."""
+    """The first ``n`` val prompts of an evaluation: golden copy and each model's greedy copy, one line each
+    (``sample_text`` with ``max_lines=1``: line breaks shown as ``⏎``, a mark where the model never emitted
+    ``<|im_end|>``), so six models side by side stay a screenful whatever they generated."""
     from pathlib import Path
 
     from brandcopy.demo import eval_samples
@@ -435,6 +465,8 @@ def eval_samples_text(eval_dir, n: int = 2, limit: int = 200) -> str:
     stopped = {(r["id"], r["model"]): r["stopped"] for r in rows if r["setting"] == "greedy"}
     parts = []
     for sample in eval_samples(eval_dir, n):
-        parts.append(f"=== {sample['id']} ({sample['content_type']})\n--- golden\n{shorten(sample['golden'], limit)}")
-        parts += [f"--- {name}\n{sample_text(text, stopped[sample['id'], name], limit)}" for name, text in sample["models"].items()]
+        parts.append(f"=== {sample['id']} ({sample['content_type']})")
+        parts.append(f"--- golden: {sample_text(sample['golden'], None, limit, max_lines=1)}")
+        parts += [f"--- {name}: {sample_text(text, stopped[sample['id'], name], limit, max_lines=1)}"
+                  for name, text in sample["models"].items()]
     return "\n".join(parts)

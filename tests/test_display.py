@@ -65,6 +65,34 @@ def test_sample_text_collapses_blank_runs_marks_no_stop_and_control_characters()
     assert sample_text("\n\n\n", stopped=False).startswith("(empty)")
 
 
+def test_sample_text_caps_lines_whatever_the_model_emits():
+    runaway = "\n".join(f"{i}" for i in range(150))  # a model that never learnt to stop: 150 lines in 300 chars
+    shown = sample_text(runaway, stopped=False, max_lines=8)
+    assert len(shown.splitlines()) == 9 and "more lines)" in shown.splitlines()[7] and shown.endswith(NO_STOP)
+    flat = sample_text("标题\n正文第一段\n\n\n\n正文第二段", stopped=False, max_lines=1)
+    assert "\n" not in flat and flat.startswith("标题 ⏎ 正文第一段") and flat.endswith(NO_STOP)
+    assert sample_text("一行\n两行", stopped=True) == "一行\n两行"
+
+
+def test_eval_samples_text_is_one_line_per_model(tmp_path):
+    import json
+
+    from brandcopy.brand import load_golden
+    from brandcopy.display import eval_samples_text
+
+    brand = load_brand(REPO / "data" / "brands" / "yuansu")
+    golden = load_golden(brand)[:2]
+    (tmp_path / "config.yaml").write_text(f"brand: {REPO / 'data' / 'brands' / 'yuansu'}\n", encoding="utf-8")
+    rows = [{"id": g["id"], "content_type": g["content_type"], "product_id": g["product_id"], "setting": "greedy",
+             "model": model, "text": "\n".join(["满屏短行"] * 120), "stopped": False}
+            for g in golden for model in ("base", "sft", "dpo", "grpo", "merged", "merged_4bit")]
+    (tmp_path / "generations.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                encoding="utf-8")
+    text = eval_samples_text(tmp_path, 2)
+    assert len(text.splitlines()) == 2 * (1 + 1 + 6)  # header, golden, six models
+    assert text.count(NO_STOP) == 12
+
+
 def test_run_summary_and_stage_results_read_as_labelled_lines():
     summary = RunSummary(produced=126, failed=198, seconds=3.0819653529997595,
                          usage={"calls": 720, "cached": 0, "prompt_tokens": 1662880, "completion_tokens": 49124},
@@ -225,3 +253,20 @@ def test_a_notebook_bar_that_never_shows_leaves_no_output(monkeypatch):
         bar.update(1)
         bar.update(1)
     assert shown[0].startswith("slow:   0%") and shown[-1].startswith("slow: 100%")
+
+
+def test_write_results_text_bounds_the_copy_and_the_reasons():
+    from brandcopy.display import write_results_text
+    from brandcopy.write import Candidate, WriteRequest, WriteResult
+
+    brand = load_brand(REPO / "data" / "brands" / "yuansu")
+    product, kind = next(iter(brand.products)), next(iter(brand.content_types))
+    long_copy = "\n".join(f"第{i}段" for i in range(40))
+    passed = WriteResult(WriteRequest("r1", product, kind), "passed", long_copy, "lint_score",
+                         candidates=[Candidate(long_copy, [], 1.0), Candidate("x", [{"kind": "banned"}], 0.5)])
+    failed = WriteResult(WriteRequest("r2", product, kind), "failed", None, "lint_score",
+                         reasons=[f"原因{i}（1/4 篇）" for i in range(9)], candidates=[Candidate("x", [{"kind": "banned"}], 0.5)] * 4)
+    text = write_results_text(brand, [passed, failed])
+    assert "passed (1/2 candidates clean" in text and "第0段" in text and "第39段" not in text
+    assert "原因4" in text and "原因5" not in text and "4 more in results.md" in text
+    assert len(text.splitlines()) == (1 + 1 + 8) + (1 + 1 + 5 + 1)

@@ -151,20 +151,30 @@ def _completion_example(tokenizer, messages: list[dict]) -> tuple[list[int], int
     return list(prompt_ids) + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
 
 
-def _batch_nll(model, batch: list[tuple[list[int], int]], pad_id: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of the completion tokens of a right-padded batch."""
+def _completion_nll(model, batch: list[tuple[list[int], int]], pad_id: int) -> tuple[list[float], list[int]]:
+    """Per row of a right-padded batch: the summed negative log-likelihood of its completion tokens, and their count.
+
+    Logits are computed only from the earliest completion position on (``logits_to_keep``) and turned into float32
+    one row at a time: the prompt's logits are never scored, and over a 152k vocabulary they are most of the time
+    and memory (12 rows of 1,500 tokens would be 11 GB of float32 logits). A model whose forward ignores
+    ``logits_to_keep`` returns every position; the same positions are then sliced here.
+    """
     width = max(len(ids) for ids, _ in batch)
+    start = min(prompt_length for _, prompt_length in batch) - 1  # this position's logits predict the first scored token
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
     for row, (ids, prompt_length) in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-        attention[row, : len(ids)] = 1
-    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
-    targets = labels[:, 1:].to(model.device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-    return nll.item(), int((targets != -100).sum())
+    lengths = torch.tensor([len(ids) for ids, _ in batch])
+    attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                   logits_to_keep=width - start).logits
+    logits = logits[:, -(width - start) :]  # positions start .. width-1
+    targets = labels[:, start + 1 :].to(logits.device)  # the tokens positions start .. width-2 predict
+    nll = [torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100,
+                                             reduction="sum").item() for row in range(len(batch))]
+    return nll, (targets != -100).sum(dim=1).tolist()
 
 
 @torch.inference_mode()
@@ -193,26 +203,10 @@ def completion_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
     examples = [_completion_example(tokenizer, messages) for messages in conversations]
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        nll, n = _batch_nll(model, examples[start : start + batch_size], tokenizer.pad_token_id)
-        total, count = total + nll, count + n
+        nll, counts = _completion_nll(model, examples[start : start + batch_size], tokenizer.pad_token_id)
+        total, count = total + sum(nll), count + sum(counts)
     loss = total / count
     return {"eval_loss": loss, "perplexity": math.exp(loss), "tokens": count}
-
-
-def _batch_logprobs(model, batch: list[tuple[list[int], int]], pad_id: int) -> list[float]:
-    """Summed log-probability of each row's completion tokens in a right-padded batch."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-    lengths = torch.tensor([len(ids) for ids, _ in batch])
-    attention = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
-    targets = labels[:, 1:].to(model.device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return (-nll.sum(dim=1)).tolist()
 
 
 @torch.inference_mode()
@@ -237,6 +231,6 @@ def preference_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 8)
     scores = {}
     for side in ("chosen", "rejected"):
         examples = [_completion_example(tokenizer, row["prompt"] + row[side]) for row in rows]
-        scores[side] = [lp for start in range(0, len(examples), batch_size)
-                        for lp in _batch_logprobs(model, examples[start : start + batch_size], tokenizer.pad_token_id)]
+        scores[side] = [-nll for start in range(0, len(examples), batch_size)
+                        for nll in _completion_nll(model, examples[start : start + batch_size], tokenizer.pad_token_id)[0]]
     return sum(c > r for c, r in zip(scores["chosen"], scores["rejected"])) / len(rows)

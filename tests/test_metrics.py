@@ -135,6 +135,24 @@ def test_completion_loss_matches_transformers_and_weights_by_tokens(tiny):
     assert both["eval_loss"] == pytest.approx((loss_a * n_a + loss_b * n_b) / (n_a + n_b), rel=1e-5)
 
 
+def test_completion_loss_is_the_same_when_the_forward_ignores_logits_to_keep(tiny):
+    model, tokenizer = tiny
+    conversations = [_conversation("写一句洁面乳广告", "温和清洁，保湿不紧绷。"),
+                     _conversation("请写一篇关于烟酰胺的长笔记，讲清楚浓度", "烟酰胺是维生素B3的一种形式。")]
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep (older or patched model classes)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.device = inner, inner.device
+
+        def forward(self, logits_to_keep=None, **kwargs):
+            return self.inner(**kwargs)
+
+    trimmed = completion_loss(model, tokenizer, conversations, batch_size=2)
+    full = completion_loss(EveryPosition(model), tokenizer, conversations, batch_size=2)
+    assert full["tokens"] == trimmed["tokens"] and full["eval_loss"] == pytest.approx(trimmed["eval_loss"], rel=1e-6)
+
+
 def test_completion_loss_ignores_the_prompt(tiny):
     model, tokenizer = tiny
     short = completion_loss(model, tokenizer, [_conversation("短", "温和清洁。")])

@@ -197,7 +197,8 @@ def data_improve(
     k: int = typer.Option(2, help="Samples per prompt."),
     split: str = typer.Option("train", help="Products whose prompts are sampled (train or val)."),
     content_types: str = typer.Option("", help="Comma-separated content type ids; default all nine."),
-    max_prompts: int = typer.Option(0, help="Only the first N prompts (0: all)."),
+    max_prompts: int | None = typer.Option(None, help="Prompts sampled, spread over products and types (0: all); "
+                                    "default: the preset's dpo_onpolicy_prompts."),
     max_new_tokens: int = typer.Option(768, help="Generation budget per sample."),
     temperature: float = typer.Option(1.0, help="Sampling temperature of the policy."),
     max_similarity: float = typer.Option(0.8, help="Drop pairs whose chosen and rejected have a higher character ROUGE-L."),
@@ -209,7 +210,7 @@ def data_improve(
     from dataclasses import replace
 
     from brandcopy.brand import BrandDataError, load_brand
-    from brandcopy.config import ConfigError, EvalStageConfig, load_stage_config
+    from brandcopy.config import ConfigError, DPOStageConfig, EvalStageConfig, load_stage_config
     from brandcopy.improve import SAMPLE_PARAMS, run_improve
     from brandcopy.llm import LLMConfig, LLMConfigError, LLMFatalError
     from brandcopy.mockserver import SCRIPTED, endpoint
@@ -217,6 +218,8 @@ def data_improve(
 
     try:
         cfg = load_stage_config(EvalStageConfig, config, overrides or [])
+        if max_prompts is None:
+            max_prompts = load_stage_config(DPOStageConfig, config, overrides or []).dpo_onpolicy_prompts
         params = replace(SAMPLE_PARAMS, max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.seed)
         judge = LLMConfig(model=model, base_url=SCRIPTED if mock else base_url, api_key_env=api_key_env or None,
                           concurrency=concurrency, cache_dir=f"{cfg.output_root}/llm-cache")

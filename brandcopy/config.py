@@ -148,6 +148,7 @@ class DPOStageConfig(CommonConfig):
     dpo_gradient_accumulation_steps: int = 8
     dpo_eval_pairs: int = 64
     dpo_pairs: str = field(default="synthetic", metadata=_choices(*DPO_FOLDERS))  # synthetic / onpolicy / both
+    dpo_onpolicy_prompts: int = 0  # train prompts `data improve` samples for on-policy pairs, spread evenly; 0 = all
 
     @property
     def out_dir(self) -> Path:

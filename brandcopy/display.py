@@ -247,7 +247,7 @@ def sample_text(text: str, stopped: bool | None = None, limit: int = 300, max_li
     text = shorten(text, limit) if text else "(empty)"
     lines = text.split("\n")
     if max_lines <= 1:
-        text = " ⏎ ".join(line.strip() for line in lines)
+        text = " ⏎ ".join(line.strip() for line in lines if line.strip())
     elif len(lines) > max_lines:
         text = "\n".join(lines[: max_lines - 1] + [f"… (+{len(lines) - max_lines + 1} more lines)"])
     if stopped is False:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import random
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,9 +65,13 @@ class Judgement:
 
 
 def policy_prompts(brand, split: str = "train", content_types=None, max_prompts: int = 0) -> list[tuple[str, str]]:
-    """(product id, content type) of every prompt of a split, in order; the first ``max_prompts`` when positive."""
+    """(product id, content type) of every prompt of a split, in order; when ``max_prompts`` is positive, that many
+    drawn at random (a fixed draw, kept in order) so that they cover products and content types alike: a prefix would
+    sample the first products only, an even stride can land on one content type."""
     pairs = [(pid, ct) for pid in brand.split()[split] for ct in content_types or brand.content_types]
-    return pairs[:max_prompts] if max_prompts > 0 else pairs
+    if max_prompts <= 0 or max_prompts >= len(pairs):
+        return pairs
+    return [pairs[i] for i in sorted(random.Random(0).sample(range(len(pairs)), max_prompts))]
 
 
 def improve_messages(brand, product_id: str, content_type: str, text: str, problems: list[str]) -> list[dict]:
@@ -347,7 +352,7 @@ def run_improve(cfg, llm_config: LLMConfig, stage: str = "sft", k: int = 2, spli
         k: Samples per prompt.
         split: Products whose prompts are sampled.
         content_types: Content type ids; default all.
-        max_prompts: First N prompts only (0: all).
+        max_prompts: Prompts sampled, spread evenly over products and content types (0: all).
         params: Sampling parameters.
         max_similarity: ROUGE-L threshold above which a pair is dropped.
         max_repairs: Repair rounds of the judge's answer.

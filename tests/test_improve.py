@@ -48,6 +48,18 @@ def test_build_pairs_drops_good_samples_and_near_identical_pairs():
     assert pairs[0]["rouge_l"] < 0.8
 
 
+def test_policy_prompts_spread_a_cap_over_products_and_types():
+    from brandcopy.improve import policy_prompts
+
+    every = policy_prompts(BRAND, "train")
+    assert len(every) == len(BRAND.split()["train"]) * len(BRAND.content_types)
+    some = policy_prompts(BRAND, "train", max_prompts=len(BRAND.content_types))
+    assert len(some) == len(BRAND.content_types) and len(set(some)) == len(some) and set(some) <= set(every)
+    assert len({pid for pid, _ in some}) > 3 and len({ct for _, ct in some}) > 3  # not one product's, not one type's
+    assert policy_prompts(BRAND, "train", max_prompts=len(BRAND.content_types)) == some  # the same draw each time
+    assert policy_prompts(BRAND, "train", max_prompts=0) == every
+
+
 @pytest.fixture
 def improve_run(sft_run, tmp_path):
     """A copy of the finished SFT stage in a fresh run (so new stages do not leak into other tests)."""
@@ -60,20 +72,21 @@ def improve_run(sft_run, tmp_path):
 def test_improve_makes_onpolicy_pairs_counts_failures_resumes_and_dpo_trains_on_them(improve_run):
     cfg = load_stage_config(EvalStageConfig, REPO / "configs" / "tiny-cpu.yaml", improve_run)
     params = replace(SAMPLE_PARAMS, max_new_tokens=24)
-    # YS-002 and YS-005 have golden paid_ad_cta copy (the scripted judge's improvement); YS-004 has none.
+    # The fixed draw of 3 prompts is YS-005, YS-030, YS-035: YS-005 and YS-035 have golden paid_ad_cta copy (the
+    # scripted judge's improvement); YS-030 has none.
     options = dict(stage="sft", k=2, content_types=["paid_ad_cta"], max_prompts=3, params=params)
     with ScriptedServer(script=list(GARBAGE), responder=improve_responder(BRAND)) as server:
         config = LLMConfig(model="judge", base_url=server.url, api_key_env=None, concurrency=1, cache_dir=None)
         report = run_improve(cfg, config, **options)
     data = cfg.data_path
     assert report.samples == 6
-    # The first request got three unparseable answers (first try + 2 repairs); YS-004's "improved" copy fails lint.
+    # The first request got three unparseable answers (first try + 2 repairs); YS-030's "improved" copy fails lint.
     assert report.counts == {"pairs": 3, "unparseable": 1, "improved_failed_lint": 2}
     samples = read_jsonl_records(data / "improve" / "samples_sft.jsonl")
     pairs = [json.loads(line) for line in (data / "onpolicy_train.jsonl").read_text(encoding="utf-8").splitlines()]
     by_key = {s["key"]: s["text"] for s in samples}
     for pair in pairs:
-        assert pair["source"] == "onpolicy" and pair["product_id"] in ("YS-002", "YS-005")
+        assert pair["source"] == "onpolicy" and pair["product_id"] in ("YS-005", "YS-035")
         assert by_key[pair["id"]] == pair["rejected"]  # the rejected side is the model's own sample
         assert pair["lint"] and pair["rouge_l"] <= 0.8
     trl_rows = [json.loads(line) for line in (data / "preference_onpolicy_train.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -87,7 +100,7 @@ def test_improve_makes_onpolicy_pairs_counts_failures_resumes_and_dpo_trains_on_
     with ScriptedServer(responder=improve_responder(BRAND)) as server:
         config = LLMConfig(model="judge", base_url=server.url, api_key_env=None, concurrency=1, cache_dir=None)
         again = run_improve(cfg, config, **options)
-        assert server.stats["requests"] == 1 + 2 * 3  # the unparseable key answered at once; YS-004's two with 2 repairs each
+        assert server.stats["requests"] == 1 + 2 * 3  # the unparseable key answered at once; YS-030's two with 2 repairs each
     assert read_jsonl_records(data / "improve" / "samples_sft.jsonl") == samples
     assert again.llm.skipped == 3 and again.counts == {"pairs": 4, "improved_failed_lint": 2}
 

@@ -457,8 +457,7 @@ def chat_command(
 
     try:
         adapters = run_adapters(cfg.run_dir, adapter or [])
-        model, tokenizer = load_chat_model(base or cfg.model, adapters, backend=cfg.backend,
-                                           load_in_4bit=cfg.load_in_4bit, max_seq_length=cfg.max_seq_length)
+        model, tokenizer = load_chat_model(base or cfg.model, adapters, **cfg.load_options)
     except (ConfigError, StageInputError, OSError, ValueError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -541,8 +540,7 @@ def write_command(
         results = write_copy(brand, todo, out or cfg.run_dir / "write", n=n, model_dir=source, client=client,
                              reward_model=_write_reward_model(cfg, reward_model),
                              params=replace(WRITE_PARAMS, max_new_tokens=max_new_tokens, seed=cfg.seed),
-                             load_options={"backend": cfg.backend, "load_in_4bit": cfg.load_in_4bit,
-                                           "max_seq_length": cfg.max_seq_length})
+                             load_options=cfg.load_options)
     except (ConfigError, StageInputError, BrandDataError, LLMConfigError, LLMFatalError, FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -589,8 +587,7 @@ def compare_command(
     params = GenerationParams("sampled" if sample else "greedy", max_new_tokens, sample, temperature, top_p,
                               cfg.seed if seed is None else seed)
     path = run_compare(brand, specs, cfg.model, prompt_set, params, Path(out) if out else cfg.run_dir / "compare",
-                       prompts, cfg.eval_batch_size, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                       max_seq_length=cfg.max_seq_length)
+                       prompts, cfg.eval_batch_size, **cfg.load_options)
     typer.echo(f"compare: {path}\nrows: {path.with_suffix('.jsonl')}")
 
 

@@ -96,6 +96,11 @@ class CommonConfig:
         return self.run_dir / self.stage
 
     @property
+    def load_options(self) -> dict:
+        """The keyword arguments that load this run's models (``modeling.load_model``, ``load_adapter_model``)."""
+        return {"backend": self.backend, "load_in_4bit": self.load_in_4bit, "max_seq_length": self.max_seq_length}
+
+    @property
     def data_path(self) -> Path:
         """Folder with the exported training data (``<run>/data`` unless ``data_dir`` is set)."""
         return Path(self.data_dir) if self.data_dir else self.run_dir / "data"

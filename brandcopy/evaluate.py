@@ -192,11 +192,10 @@ def preference_rows(cfg: EvalStageConfig) -> list[dict]:
 
 def load_eval_model(cfg: EvalStageConfig, name: str):
     """``(model, tokenizer)`` of one evaluated model, frozen, with EOS/pad fixed."""
-    options = {"backend": cfg.backend, "load_in_4bit": cfg.load_in_4bit, "max_seq_length": cfg.max_seq_length}
     if name in ADAPTERS:
-        model, tokenizer = load_adapter_model(cfg.run_dir / name, trainable=False, **options)
+        model, tokenizer = load_adapter_model(cfg.run_dir / name, trainable=False, **cfg.load_options)
     else:
-        model, tokenizer = load_model(cfg.model if name == "base" else cfg.run_dir / name, **options)
+        model, tokenizer = load_model(cfg.model if name == "base" else cfg.run_dir / name, **cfg.load_options)
     fix_special_tokens(model, tokenizer)  # the base model's tokenizer has not been through training
     return model, tokenizer
 

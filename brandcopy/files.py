@@ -6,12 +6,14 @@ Every module reads its text and JSONL inputs and writes its outputs through here
 - ``read_jsonl`` reads a data file (every line a JSON object, required fields checked);
   ``read_jsonl_log`` reads an append-only log, leaving out a last line torn by a kill mid-write.
 - ``atomic_write_text`` / ``atomic_write_jsonl`` / ``atomic_path`` write through a temporary file
-  and a rename, so no reader sees half a file.
+  and a rename, so no reader sees half a file; ``atomic_dir`` does the same for a whole folder
+  (a saved model).
 """
 
 import json
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -198,6 +200,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """An empty folder ``.<name>.partial`` next to ``path`` that replaces ``path`` when the block succeeds.
+
+    A failed or killed block never leaves a half-written folder at ``path`` (a model whose
+    ``config.json`` is there but not its weights): what was at ``path`` stays until the new folder
+    is complete. The partial folder has a fixed name, so the next try removes what a killed one left.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        shutil.rmtree(path, ignore_errors=True)
+        partial.rename(path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

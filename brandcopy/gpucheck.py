@@ -26,7 +26,7 @@ import yaml
 
 from brandcopy.config import EvalStageConfig, GRPOStageConfig
 from brandcopy.doctor import KNOWN_SHAPES, ModelShape, vram_plan
-from brandcopy.files import atomic_write_text, read_jsonl, read_jsonl_log
+from brandcopy.files import atomic_dir, atomic_write_text, read_jsonl, read_jsonl_log
 
 GPU_PRESET = "configs/qwen2.5-7b-24gb.yaml"
 SHAPES = {"0.5b": "qwen2.5-0.5b-instruct", "7b": "qwen2.5-7b-instruct"}
@@ -86,11 +86,9 @@ def shaped_model(out_dir: Path, shape: ModelShape, texts: list[str]) -> Path:
         torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(bos_token_id=endoftext, eos_token_id=[im_end, endoftext],
                                                pad_token_id=endoftext)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    tokenizer.save_pretrained(partial)
-    model.save_pretrained(partial)
-    partial.rename(out_dir)
+    with atomic_dir(out_dir) as partial:
+        tokenizer.save_pretrained(partial)
+        model.save_pretrained(partial)
     return out_dir
 
 

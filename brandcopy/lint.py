@@ -36,11 +36,12 @@ copy of the text, so spans index the original text and brand patterns see ``!`` 
 import json
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from brandcopy.brand import read_records
+from brandcopy.brand import Brand, CompositionSpec, ContentType, FactSpec, Material, Product, read_records
 
 # The grader's vocabulary: every module that reads violation kinds imports them from here.
 CTA_KIND = "missing_cta"
@@ -154,7 +155,7 @@ def normalize(text: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _normalize_char(char):
+def _normalize_char(char: str) -> str:
     folded = unicodedata.normalize("NFKC", char).lower()
     return folded if len(folded) == 1 else char.lower()
 
@@ -182,7 +183,7 @@ class _Rules:
     compound_after: re.Pattern | None
 
 
-def _term_pattern(term, spaced=False, number_after=False):
+def _term_pattern(term: str, spaced: bool = False, number_after: bool = False) -> str:
     """Regex for a normalised term; ASCII edges get word boundaries, ``spaced`` allows 'Y Y D S',
     ``number_after`` lets a number follow directly (SPF50)."""
     chars = [re.escape(c) for c in normalize(term)]
@@ -192,17 +193,17 @@ def _term_pattern(term, spaced=False, number_after=False):
     return head + body + tail
 
 
-def _alternation(terms, number_after=False):
+def _alternation(terms: Iterable[str], number_after: bool = False) -> re.Pattern:
     """One regex matching any term, longest first so that 水杨酸乙基己酯 wins over 水杨酸."""
     ordered = sorted(set(terms), key=lambda t: (-len(t), t))
     return re.compile("|".join(_term_pattern(t, number_after=number_after) for t in ordered) or r"(?!x)x")
 
 
-def _optional(pattern):
+def _optional(pattern: str | None) -> re.Pattern | None:
     return re.compile(pattern) if pattern else None
 
 
-def _number_patterns(spec):
+def _number_patterns(spec: FactSpec) -> tuple[re.Pattern, re.Pattern | None]:
     """(after, before) regexes of a number fact: ``海拔约1200米`` / ``1200米的海拔``; before needs a unit."""
     units = "|".join(re.escape(normalize(u)) for u in sorted(spec.units, key=len, reverse=True))
     after = re.compile(_NUMBER_LEAD + _NUMBER_VALUE + (rf"\s*(?:{units})" if units else r"(?![\d.%])"))
@@ -211,7 +212,7 @@ def _number_patterns(spec):
 
 
 @lru_cache(maxsize=16)
-def _rules(brand):
+def _rules(brand: Brand) -> _Rules:
     """Compiles the brand's rules once; Brand hashes by identity."""
     composition = brand.composition
     alias_to_material = {}
@@ -244,7 +245,7 @@ def _rules(brand):
 
 
 @lru_cache(maxsize=16)
-def _label_markup(allowed):
+def _label_markup(allowed: tuple[str, ...]) -> re.Pattern:
     """The line-start label rule without the content type's own structure labels."""
     words = "|".join(w for w in _LABEL_WORDS if w not in allowed)
     return re.compile(rf"(?m)^[ \t]*(?:{words})[ \t]*:")
@@ -253,16 +254,16 @@ def _label_markup(allowed):
 # --- rule checks --------------------------------------------------------------------------
 
 
-def _violation(text, kind, start, end, message):
+def _violation(text: str, kind: str, start: int, end: int, message: str) -> Violation:
     return Violation(kind, (start, end), text[start:end], message)
 
 
-def _check_banned(text, norm, rules):
+def _check_banned(text: str, norm: str, rules: _Rules) -> list[Violation]:
     return [_violation(text, "forbidden_word", m.start(), m.end(), f"品牌禁用词「{word}」")
             for word, pattern in rules.banned for m in pattern.finditer(norm)]
 
 
-def _quoted_and_refuted(norm, start, end):
+def _quoted_and_refuted(norm: str, start: int, end: int) -> bool:
     """True when ``start:end`` lies inside quotation marks that the text around them refutes."""
     for opening, closing in _QUOTES.items():
         left = norm.rfind(opening, max(0, start - 40), start)
@@ -276,24 +277,24 @@ def _quoted_and_refuted(norm, start, end):
     return False
 
 
-def _check_absolute(text, norm, rules):
+def _check_absolute(text: str, norm: str, rules: _Rules) -> list[Violation]:
     return [_violation(text, "absolute_claim", m.start(), m.end(), reason)
             for pattern, reason in rules.absolute for m in pattern.finditer(norm) if not _quoted_and_refuted(norm, m.start(), m.end())]
 
 
-def _check_exclamation(text, norm):
+def _check_exclamation(text: str, norm: str) -> list[Violation]:
     marks = list(_EXCLAMATION.finditer(norm))
     message = f"全文有{len(marks)}个感叹号，至多使用1个"
     return [_violation(text, "exclamation", m.start(), m.end(), message) for m in marks[1:]]
 
 
-def _check_cta(text, norm, rules, spec, brand):
+def _check_cta(text: str, norm: str, rules: _Rules, spec: ContentType, brand: Brand) -> list[Violation]:
     if not spec.cta_required or rules.cta.search(norm):
         return []
     return [_violation(text, CTA_KIND, len(text), len(text), f"{spec.name_zh}需要明确的行动号召（如“{brand.cta_phrases[0]}”）")]
 
 
-def _check_length(text, spec):
+def _check_length(text: str, spec: ContentType) -> list[Violation]:
     count = copy_length(text)
     low, high = spec.length
     if low <= count <= high:
@@ -301,7 +302,7 @@ def _check_length(text, spec):
     return [_violation(text, LENGTH_KIND, 0, len(text), f"全文{count}字（不计空白），{spec.name_zh}要求{low}–{high}字")]
 
 
-def _check_markup(text, norm, spec):
+def _check_markup(text: str, norm: str, spec: ContentType) -> list[Violation]:
     found = [_violation(text, MARKUP_KIND, m.start(), m.end(), f"残留的格式或标签：{label}")
              for pattern, label in _MARKUP for m in pattern.finditer(norm)]
     return found + [_violation(text, MARKUP_KIND, m.start(), m.end(), "残留的格式或标签：结构标签")
@@ -311,20 +312,20 @@ def _check_markup(text, norm, spec):
 # --- fact check ---------------------------------------------------------------------------
 
 
-def _mask_names(norm, rules):
+def _mask_names(norm: str, rules: _Rules) -> str:
     """The text with the brand's and every product's name blanked out (same length), so that
     棉 in the brand name 棉芽 or 5% in 烟酰胺5%精华 is not read as a fact."""
     return rules.names.sub(lambda m: _MASK * len(m.group()), norm)
 
 
-def _clause_bounds(norm, start, end):
+def _clause_bounds(norm: str, start: int, end: int) -> tuple[int, int]:
     """Start of the clause containing ``start`` and end of the clause containing ``end``."""
     left = max(norm.rfind(c, 0, start) for c in _CLAUSE_END) + 1
     rights = [i for i in (norm.find(c, end) for c in _CLAUSE_END) if i != -1]
     return left, min(rights, default=len(norm))
 
 
-def _negated(norm, start, end, vocabulary):
+def _negated(norm: str, start: int, end: int, vocabulary: re.Pattern) -> bool:
     """True when the mention reads as absent: 不含酒精、香精 / 无香精 / 酒精与香精均未添加."""
     left, right = _clause_bounds(norm, start, end)
     prefix = norm[left:start]
@@ -337,7 +338,7 @@ def _negated(norm, start, end, vocabulary):
     return bool(_NEGATION_AFTER.match(suffix))
 
 
-def _endogenous(norm, start, end, rules):
+def _endogenous(norm: str, start: int, end: int, rules: _Rules) -> bool:
     """True when the world's own substance is meant (brand patterns): 角质层中的神经酰胺 / 胶原蛋白会随年龄流失."""
     left, _ = _clause_bounds(norm, start, end)
     if rules.endogenous_before:
@@ -347,14 +348,14 @@ def _endogenous(norm, start, end, rules):
     return bool(rules.endogenous_after and rules.endogenous_after.match(norm[end:end + 12]))
 
 
-def _part_of_longer_name(norm, start, end, rules):
+def _part_of_longer_name(norm: str, start: int, end: int, rules: _Rules) -> bool:
     """True when the mention is only part of a longer name (brand patterns): 脂肪酸甘油酯 / 乳酸钠."""
     if rules.compound_before and rules.compound_before.search(norm[max(0, start - 4):start]):
         return True
     return bool(rules.compound_after and rules.compound_after.match(norm[end - 1:end + 2]))
 
 
-def _stated_share(norm, start, end, rules):
+def _stated_share(norm: str, start: int, end: int, rules: _Rules) -> float | None:
     """The percentage bound to a material mention, as a float, or None.
 
     A percentage right before the mention binds to it (5%烟酰胺); one right after binds to it
@@ -369,12 +370,12 @@ def _stated_share(norm, start, end, rules):
     return float(before.group(1)) if before else None
 
 
-def _product_has(brand, product, name):
+def _product_has(brand: Brand, product: Product, name: str) -> bool:
     entry = brand.composition.materials[name]
     return any(product.material(member) for member in (entry.covers or (name,)))
 
 
-def _inside_longer(match, pattern, norm):
+def _inside_longer(match: re.Match, pattern: re.Pattern | None, norm: str) -> bool:
     """True when ``match`` lies inside a longer match of another vocabulary (茉莉花 in the aroma 茉莉花香)."""
     if pattern is None:
         return False
@@ -384,7 +385,7 @@ def _inside_longer(match, pattern, norm):
     return False
 
 
-def _check_materials(text, norm, rules, brand, product):
+def _check_materials(text: str, norm: str, rules: _Rules, brand: Brand, product: Product) -> list[Violation]:
     violations = []
     word = brand.composition.material_word
     for m in rules.materials.finditer(norm):
@@ -400,7 +401,8 @@ def _check_materials(text, norm, rules, brand, product):
     return violations
 
 
-def _check_share(text, norm, match, material, spec, rules):
+def _check_share(text: str, norm: str, match: re.Match, material: Material | None, spec: CompositionSpec,
+                 rules: _Rules) -> list[Violation]:
     """Compares a stated share with the catalog; family names (胜肽) carry none."""
     stated = _stated_share(norm, match.start(), match.end(), rules)
     if material is None or stated is None:
@@ -415,7 +417,7 @@ def _check_share(text, norm, match, material, spec, rules):
     return [_violation(text, "wrong_share", *where, f"{material.name}的{spec.share_word}是{material.share:g}%，文中写作{stated:g}%")]
 
 
-def _claim_exempt(norm, start, end, rules):
+def _claim_exempt(norm: str, start: int, end: int, rules: _Rules) -> bool:
     """True when a claim phrase is negated, advice, another product or left to one: 并非美白产品 / 白天做好防晒 /
     保湿霜 / 控油这类需求交给其他产品."""
     if rules.claim_noun_after.match(norm[end:end + 2]):
@@ -433,7 +435,7 @@ def _claim_exempt(norm, start, end, rules):
     return len(_CLAIM_FILLER.sub("", rules.claims.sub("", gap))) <= 4
 
 
-def _check_claims(text, norm, rules, brand, product):
+def _check_claims(text: str, norm: str, rules: _Rules, brand: Brand, product: Product) -> list[Violation]:
     violations = []
     for m in rules.claims.finditer(norm):
         claim = rules.phrase_to_claim[m.group()]
@@ -443,14 +445,14 @@ def _check_claims(text, norm, rules, brand, product):
     return violations
 
 
-def _stated_number(match):
+def _stated_number(match: re.Match) -> tuple[float, float, bool]:
     """(low, high, at-least) of a number match: ``1200`` -> (1200, 1200, False), ``85-90`` -> (85, 90, False), ``50+``."""
     low = float(match.group(1))
     high = float(match.group(3)) if match.group(3) else low
     return low, high, bool(match.group(2))
 
 
-def _number_matches(catalog, stated):
+def _number_matches(catalog: float | str | tuple[float, float], stated: tuple[float, float, bool]) -> bool:
     low, high, plus = stated
     if isinstance(catalog, tuple):
         return catalog[0] <= low <= high <= catalog[1] and not plus
@@ -458,12 +460,12 @@ def _number_matches(catalog, stated):
     return low == high == value and plus == (isinstance(catalog, str) and catalog.endswith("+"))
 
 
-def _written(stated, spec):
+def _written(stated: tuple[float, float, bool], spec: FactSpec) -> str:
     low, high, plus = stated
     return (f"{low:g}–{high:g}" if high != low else f"{low:g}{'+' if plus else ''}") + spec.unit
 
 
-def _check_numbers(text, norm, rules, product):
+def _check_numbers(text: str, norm: str, rules: _Rules, product: Product) -> list[Violation]:
     violations = []
     for spec, phrases, after, before in rules.numbers:
         for m in phrases.finditer(norm):
@@ -483,7 +485,7 @@ def _check_numbers(text, norm, rules, product):
     return violations
 
 
-def _contrasted(norm, start, end, rules):
+def _contrasted(norm: str, start: int, end: int, rules: _Rules) -> bool:
     """True when an enum or set value is negated or set against the product's own: 不同于重焙火 / 比起玻璃杯."""
     left, right = _clause_bounds(norm, start, end)
     prefix = norm[left:start]
@@ -495,7 +497,7 @@ def _contrasted(norm, start, end, rules):
     return bool(_CONTRAST_AFTER.match(rules.values.sub("", norm[end:right])))
 
 
-def _check_values(text, norm, rules, brand, product):
+def _check_values(text: str, norm: str, rules: _Rules, brand: Brand, product: Product) -> list[Violation]:
     if rules.values is None:
         return []
     violations = []
@@ -586,7 +588,7 @@ def result_json(record_id: str | None, result: LintResult) -> str:
                       ensure_ascii=False)
 
 
-def _marked(text, span, width=18):
+def _marked(text: str, span: tuple[int, int], width: int = 18) -> str:
     start, end = span
     left = text[max(0, start - width):start]
     right = text[end:end + width]

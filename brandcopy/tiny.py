@@ -17,7 +17,7 @@ from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from brandcopy.files import weights_follow_umask
+from brandcopy.files import atomic_dir, weights_follow_umask
 from brandcopy.modeling import END_OF_TURN, ENDOFTEXT
 
 CHATML_SPECIAL_TOKENS = [ENDOFTEXT, "<|im_start|>", END_OF_TURN]
@@ -43,7 +43,7 @@ def build_tiny_model(
     eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos.
 
     Args:
-        out_dir: Folder to write; created if missing.
+        out_dir: Folder to write; created if missing, replaced whole once the new model is saved.
         texts: Training text for the tokenizer (any language; unseen characters fall back to bytes).
         vocab_size: Upper bound on the vocabulary; small corpora give fewer tokens.
         hidden_size: Model width; bitsandbytes' CPU 4-bit kernels need at least 64.
@@ -65,11 +65,12 @@ def build_tiny_model(
     tokenizer = train_qwen2_tokenizer(texts, vocab_size=vocab_size)
     model = _tiny_qwen2(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     report = pretrain_tiny_model(model, tokenizer, pretrain) if pretrain else None
-    tokenizer.save_pretrained(out_dir)
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    weights_follow_umask(out_dir, out_dir / "config.json")
-    if report:
-        (out_dir / "pretraining.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    with atomic_dir(out_dir) as partial:  # a build killed midway leaves no config.json without weights
+        tokenizer.save_pretrained(partial)
+        model.to(torch.bfloat16).save_pretrained(partial)
+        weights_follow_umask(partial, partial / "config.json")
+        if report:
+            (partial / "pretraining.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out_dir
 
 

@@ -10,6 +10,7 @@ from brandcopy.brand import BrandDataError
 from brandcopy.compare import CompareInputError, file_prompts
 from brandcopy.files import (
     DataFileError,
+    atomic_dir,
     atomic_path,
     atomic_write_jsonl,
     atomic_write_text,
@@ -91,3 +92,23 @@ def test_atomic_writes_replace_whole_files_and_leave_nothing_on_failure(tmp_path
         assert tmp.suffix == ".png"  # matplotlib's savefig picks the format from it
         tmp.write_bytes(b"png")
     assert (tmp_path / "curve.png").read_bytes() == b"png"
+
+
+def test_atomic_dir_publishes_a_folder_only_when_it_is_complete(tmp_path):
+    model = tmp_path / "models" / "tiny-model"
+    with atomic_dir(model) as tmp:
+        (tmp / "config.json").write_text("{}", encoding="utf-8")
+        assert not model.exists()  # nobody sees the folder before the block ends
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    with pytest.raises(RuntimeError), atomic_dir(model) as tmp:
+        (tmp / "config.json").write_text('{"new": 1}', encoding="utf-8")
+        raise RuntimeError("killed before the weights were written")
+    assert (model / "config.json").read_text(encoding="utf-8") == "{}"  # the finished folder is untouched
+    assert sorted(p.name for p in model.parent.iterdir()) == ["tiny-model"]  # no partial folder left
+    (model.parent / ".tiny-model.partial").mkdir()  # what a killed process leaves
+    (model.parent / ".tiny-model.partial" / "stale.bin").write_bytes(b"x")
+    with atomic_dir(model) as tmp:
+        assert list(tmp.iterdir()) == []
+        (tmp / "model.safetensors").write_bytes(b"w")
+    assert sorted(p.name for p in model.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in model.parent.iterdir()) == ["tiny-model"]

@@ -80,8 +80,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
         val = val.select(spread(len(val), cfg.dpo_eval_pairs))
     source = require_stage(cfg.run_dir, cfg.dpo_from, "dpo")
     resume_from = begin_stage(cfg)
-    model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                                          max_seq_length=cfg.max_seq_length,
+    model, tokenizer = load_adapter_model(source, trainable=True, **cfg.load_options,
                                           gradient_checkpointing=cfg.gradient_checkpointing)
     fix_special_tokens(model, tokenizer)  # a no-op for adapters saved by run_sft; fixes any other
     trainer = trl.DPOTrainer(model=model, args=dpo_config(cfg), train_dataset=train, eval_dataset=val,

@@ -124,8 +124,7 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = (), judge: LLMConfi
     train = grpo_dataset(cfg, "train", judge)
     source = require_stage(cfg.run_dir, cfg.grpo_from, "grpo")
     resume_from = begin_stage(cfg)
-    model, tokenizer = load_adapter_model(source, trainable=True, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                                          max_seq_length=cfg.max_seq_length,
+    model, tokenizer = load_adapter_model(source, trainable=True, **cfg.load_options,
                                           gradient_checkpointing=cfg.gradient_checkpointing,
                                           vllm_gpu_memory_utilization=fast_inference_share(cfg))
     fix_special_tokens(model, tokenizer)

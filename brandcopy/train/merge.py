@@ -10,7 +10,6 @@ The model is written to a hidden sibling folder first and renamed into place, so
 merge never leaves a half-written ``merged`` folder.
 """
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from brandcopy.backend import llama_cpp_problem, prepare_backend
 from brandcopy.config import ConfigError, MergeStageConfig, save_config
+from brandcopy.files import atomic_dir
 from brandcopy.modeling import (
     adapter_base_model,
     fix_special_tokens,
@@ -71,14 +71,11 @@ def run_merge(cfg: MergeStageConfig) -> Path:
         raise ConfigError(llama_cpp_problem())
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     source = require_stage(cfg.run_dir, cfg.merge_from, "merge")
-    partial = cfg.run_dir / f".{cfg.stage}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    if cfg.backend == "unsloth":
-        merge_unsloth(source, partial, cfg)
-    else:
-        merge_hf(source, partial, getattr(torch, cfg.merge_dtype))
-    shutil.rmtree(cfg.out_dir, ignore_errors=True)
-    partial.rename(cfg.out_dir)
+    with atomic_dir(cfg.out_dir) as partial:  # a failed merge leaves the last finished one in place
+        if cfg.backend == "unsloth":
+            merge_unsloth(source, partial, cfg)
+        else:
+            merge_hf(source, partial, getattr(torch, cfg.merge_dtype))
     save_config(cfg, cfg.out_dir / "config.yaml")
     adapter_files = sorted(source.glob("adapter_model*.safetensors"))
     write_manifest(cfg, [], {"merged_from": str(source), "base_model": adapter_base_model(source),

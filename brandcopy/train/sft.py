@@ -68,8 +68,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
     train = load_split(cfg.data_path, "sft", "train")
     val = load_split(cfg.data_path, "sft", "val") if cfg.sft_eval else None
     resume_from = begin_stage(cfg)
-    model, tokenizer = load_model(cfg.model, backend=cfg.backend, load_in_4bit=cfg.load_in_4bit,
-                                  max_seq_length=cfg.max_seq_length, lora=lora_settings(cfg),
+    model, tokenizer = load_model(cfg.model, **cfg.load_options, lora=lora_settings(cfg),
                                   gradient_checkpointing=cfg.gradient_checkpointing)
     changes = fix_special_tokens(model, tokenizer)
     logger.info("fix_special_tokens changed: %s", changes or "nothing")

@@ -25,7 +25,9 @@ from brandcopy.config import STAGE_CONFIGS, EvalStageConfig, config_keys, load_s
 from brandcopy.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS_GLOBS = ("*.md", "docs/*.md", "data/*.txt", "data/*.yaml", "data/brands/*/*.yaml")
+# The tiny tokenizer's text is the repository's data only: were the docs part of it, every README edit would
+# change the tiny model and with it every number the demo reports.
+CORPUS_GLOBS = ("data/*.txt", "data/*.yaml", "data/brands/*/*.yaml")
 # The tiny model's shape and its pre-training pass (the demo's stand-in for a pre-trained base model).
 TINY_MODEL_SHAPE = {"vocab_size": 8192, "hidden_size": 64, "num_layers": 2}
 TINY_PRETRAIN = {"steps": 80, "batch_size": 8, "block_size": 128, "lr": 3e-3}
@@ -171,8 +173,8 @@ def _reads(cls: type, key: str) -> bool:
 
 
 def repo_texts(root: Path = REPO) -> list[str]:
-    """The tiny tokenizer's training text: non-empty lines of the repository's docs and YAML data, and
-    ``brand_corpus`` (so no val golden copy)."""
+    """The tiny tokenizer's training text: non-empty lines of the data folder's text and YAML files
+    (``CORPUS_GLOBS``: never the docs) and ``brand_corpus`` (so no val golden copy)."""
     files = sorted({path for pattern in CORPUS_GLOBS for path in root.glob(pattern)})
     lines = [line for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines + brand_corpus(root)

@@ -1,6 +1,7 @@
 """The demo's wiring helpers (the whole demo runs in test_notebooks.py's notebook run and in `make demo`)."""
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +13,7 @@ from brandcopy.demo import (
     brand_corpus,
     ensure_tiny_model,
     judge_overrides,
+    REPO,
     preset_path,
     repo_texts,
     run_overrides,
@@ -66,6 +68,17 @@ def test_demo_command_rejects_a_bad_override_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "sft_learning_rate" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_the_tiny_models_text_is_the_data_folder_alone(tmp_path):
+    # The demo's numbers come from a model built on this text: editing the README must not change them.
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    (tmp_path / "README.md").write_text("# 改写过的说明\n新的段落。\n", encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "architecture.md").write_text("另一份文档\n", encoding="utf-8")
+    assert repo_texts(tmp_path) == repo_texts(REPO)
+    (tmp_path / "data" / "tiny_corpus.txt").open("a", encoding="utf-8").write("新增的一行语料\n")
+    assert repo_texts(tmp_path) != repo_texts(REPO)
 
 
 def test_the_tiny_models_text_holds_the_train_copy_but_never_the_val_copy():

@@ -264,7 +264,7 @@ class LLMClient:
         return completion
 
     async def _complete_with_retries(self, model: str, messages: list[dict], params: dict) -> Completion:
-        last = None
+        last = last_exc = None
         for attempt in range(self.config.max_retries + 1):
             if last is not None:
                 self.usage.retries += 1
@@ -273,7 +273,7 @@ class LLMClient:
                 completion = await asyncio.wait_for(self._call(model, messages, params), self.config.timeout)
             except (_Retry, TimeoutError, openai.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
                 self._track_connection(exc)
-                last = self._classify(exc, model)
+                last, last_exc = self._classify(exc, model), exc
                 logger.debug("attempt %d failed: %s", attempt + 1, last)
                 continue
             self._track_connection(None)
@@ -283,6 +283,12 @@ class LLMClient:
             self.usage.completion_tokens += completion.completion_tokens
             self.usage.cached_prompt_tokens += completion.cached_prompt_tokens
             return completion
+        if _is_connection_error(last_exc) and self._down_since is not None:
+            # Retries with short backoffs can run out inside the breaker's window: wait for its verdict, so
+            # that no request is written off because the endpoint went away. Trips when still nobody got an
+            # answer; when another request did meanwhile, the endpoint is up and this request fails alone.
+            await asyncio.sleep(max(0.0, self._down_since + self.config.breaker_seconds - time.monotonic()))
+            self._track_connection(last_exc)
         self.usage.failures += 1
         raise LLMError(f"gave up after {self.config.max_retries + 1} attempts: {last}")
 

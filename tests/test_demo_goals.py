@@ -13,10 +13,10 @@ import pytest
 
 from brandcopy.demo import run_demo
 
-SHORT_RUN = [  # every stage runs; SFT keeps enough steps to learn when a turn ends, with a margin: 60 steps left it at
-    # 7 of 8 prompts on one run. save_steps is pinned: an evaluation mid-run changes the SFT trajectory, and the goal
+SHORT_RUN = [  # every stage runs; SFT keeps the preset's 128 steps, enough to learn when a turn ends (90 left 8 of
+    # 12 prompts stopping). save_steps is pinned: an evaluation mid-run changes the SFT trajectory, and the goal
     # must not move when the preset's evaluation schedule is retuned.
-    "sft_max_steps=90", "save_steps=1000", "reward_max_steps=4", "dpo_max_steps=4", "grpo_max_steps=2",
+    "sft_max_steps=128", "save_steps=1000", "reward_max_steps=4", "dpo_max_steps=4", "grpo_max_steps=2",
     "eval_max_samples=12", "eval_batch_size=12", "eval_sampled=false", "eval_ifeval=false", "eval_preference_pairs=8",
 ]
 

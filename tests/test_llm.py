@@ -216,6 +216,27 @@ def test_server_killed_mid_run_trips_the_breaker_then_the_run_resumes(tmp_path):
     assert sorted(record["key"] for record in lines(out)) == sorted(f"k{i}" for i in range(300))
 
 
+def test_retries_that_run_out_before_the_breaker_window_still_stop_the_run(tmp_path):
+    # Backoffs of a millisecond exhaust a request's 3 attempts long before the 1 s window: the request waits
+    # for the breaker's verdict instead of being written off as failed.
+    out, failures = tmp_path / "out.jsonl", tmp_path / "failures.jsonl"
+    config = dict(concurrency=2, timeout=5.0, max_retries=2, backoff_base=0.001, backoff_cap=0.001,
+                  breaker_errors=3, breaker_seconds=1.0)
+    server = ScriptedServer(latency=0.02).start()
+
+    def kill_after_some_answers():
+        while not out.exists() or out.read_bytes().count(b"\n") < 5:
+            time.sleep(0.01)
+        server.stop()
+
+    killer = threading.Thread(target=kill_after_some_answers, daemon=True)
+    killer.start()
+    with pytest.raises(LLMFatalError, match="went away"):
+        run_requests(LLMClient(fast_config(server, **config)), echo_requests(200), out, failures)
+    killer.join(10)
+    assert len(lines(out)) >= 5 and lines(failures) == []
+
+
 def test_cache_is_keyed_by_endpoint_and_never_hides_a_rejected_key(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     with ScriptedServer(responder=lambda body: "甲服务器的回答") as first:

@@ -269,14 +269,15 @@ class LLMClient:
             if last is not None:
                 self.usage.retries += 1
                 await asyncio.sleep(self._backoff(attempt, last.retry_after))
+            sent = time.monotonic()
             try:
                 completion = await asyncio.wait_for(self._call(model, messages, params), self.config.timeout)
             except (_Retry, TimeoutError, openai.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
-                self._track_connection(exc)
+                self._track_connection(exc, sent)
                 last, last_exc = self._classify(exc, model), exc
                 logger.debug("attempt %d failed: %s", attempt + 1, last)
                 continue
-            self._track_connection(None)
+            self._track_connection(None, sent)
             completion.attempts = attempt + 1
             self.usage.calls += 1
             self.usage.prompt_tokens += completion.prompt_tokens
@@ -288,18 +289,27 @@ class LLMClient:
             # that no request is written off because the endpoint went away. Trips when still nobody got an
             # answer; when another request did meanwhile, the endpoint is up and this request fails alone.
             await asyncio.sleep(max(0.0, self._down_since + self.config.breaker_seconds - time.monotonic()))
-            self._track_connection(last_exc)
+            self._track_connection(last_exc, time.monotonic())
         self.usage.failures += 1
         raise LLMError(f"gave up after {self.config.max_retries + 1} attempts: {last}")
 
-    def _track_connection(self, exc: Exception | None) -> None:
-        """The circuit breaker: count attempts that could not talk to the server; any answer resets it.
+    def _track_connection(self, exc: Exception | None, sent: float) -> None:
+        """The circuit breaker: count attempts that could not talk to the server; an answer resets it.
+
+        Only an answer to an attempt sent after the failures began resets it: a server shutting down
+        still answers the requests it had already received while it refuses new ones, and those late
+        answers say nothing about whether it is up now.
+
+        Args:
+            exc: The attempt's error; None when it got an answer.
+            sent: When the attempt was sent (``time.monotonic()``).
 
         Raises:
             LLMFatalError: The endpoint went away (see ``LLMConfig.breaker_errors``/``breaker_seconds``).
         """
         if exc is None or not _is_connection_error(exc):
-            self._down_since, self._connection_errors = None, 0  # the server answered (even a 429 or 500)
+            if self._down_since is None or sent >= self._down_since:
+                self._down_since, self._connection_errors = None, 0  # the server answered (even a 429 or 500)
             return
         now = time.monotonic()
         self._down_since = self._down_since or now

@@ -237,6 +237,29 @@ def test_retries_that_run_out_before_the_breaker_window_still_stop_the_run(tmp_p
     assert len(lines(out)) >= 5 and lines(failures) == []
 
 
+def test_late_answers_of_a_server_shutting_down_do_not_reset_the_breaker(tmp_path):
+    # A server shutting down refuses new connections but still answers what it had received. The slow answer
+    # arrives after another request's retries ran out: it was sent before the outage, so it does not reset the
+    # breaker, and the request that ran out is not written off.
+    out, failures = tmp_path / "out.jsonl", tmp_path / "failures.jsonl"
+    config = dict(concurrency=2, timeout=5.0, max_retries=2, backoff_base=0.001, backoff_cap=0.001,
+                  breaker_errors=3, breaker_seconds=1.0)
+    server = ScriptedServer(script=[{"text": "收到：慢", "fault": "slow"}], faults=Faults(slow_seconds=0.6)).start()
+
+    def stop_while_the_slow_answer_is_in_flight():
+        while not out.exists() or not out.read_bytes().count(b"\n"):
+            time.sleep(0.005)
+        server.stop()  # waits for the slow answer
+
+    stopper = threading.Thread(target=stop_while_the_slow_answer_is_in_flight, daemon=True)
+    stopper.start()
+    with pytest.raises(LLMFatalError, match="went away"):
+        run_requests(LLMClient(fast_config(server, **config)), echo_requests(50), out, failures)
+    stopper.join(10)
+    assert "收到：慢" in [record["text"] for record in lines(out)]  # the late answer was kept
+    assert lines(failures) == []
+
+
 def test_cache_is_keyed_by_endpoint_and_never_hides_a_rejected_key(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     with ScriptedServer(responder=lambda body: "甲服务器的回答") as first:

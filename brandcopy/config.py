@@ -84,6 +84,9 @@ class CommonConfig:
     data_dir: str = ""
     resume: bool = True
     report_to: str = field(default="none", metadata=_choices(*REPORT_TO))  # transformers' report_to, passed through
+    # TRL arguments brandcopy does not declare, set as <prefix>_<name> (``grpo_loss_type``): key -> (value, where
+    # it was set). Not a preset key itself; checked against the installed TRL when the stage starts (``trl_args``).
+    trl_passthrough: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
 
     @property
     def run_dir(self) -> Path:
@@ -236,13 +239,32 @@ STAGE_CONFIGS = (SFTStageConfig, RewardStageConfig, DPOStageConfig, GRPOStageCon
 
 
 def config_keys(cls: type) -> dict[str, dataclasses.Field]:
-    """Fields of a stage config by name (the YAML keys it reads)."""
-    return {f.name: f for f in dataclasses.fields(cls)}
+    """Fields of a stage config by name (the YAML keys it declares)."""
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
 def all_keys() -> set[str]:
-    """Every key some stage reads: the keys a preset may contain."""
+    """Every key some stage declares (a preset may also hold TRL arguments: ``passthrough_stage``)."""
     return {name for cls in STAGE_CONFIGS for name in config_keys(cls)}
+
+
+TRL_PREFIXES = ("sft", "reward", "dpo", "grpo")  # the stages that build a TRL config
+
+
+def passthrough_stage(key: str) -> str | None:
+    """The trainer stage whose TRL config receives an undeclared ``<prefix>_<name>`` key, else None.
+
+    ``grpo_loss_type: dr_grpo`` reaches ``trl.GRPOConfig(loss_type="dr_grpo")`` without a brandcopy
+    field. Loading a config must not import TRL (on the unsloth backend Unsloth has to be imported
+    first), so here only the form is checked, and a near miss of a brandcopy key (``sft_learnig_rate``)
+    stays an unknown key at once; the stage checks the name against TRL when it starts.
+    """
+    prefix, sep, name = str(key).partition("_")
+    if not (sep and prefix in TRL_PREFIXES and name.isidentifier()) or key in {*all_keys(), *RENAMED, *REMOVED_KEYS}:
+        return None
+    if difflib.get_close_matches(key, [*all_keys(), *RENAMED], n=1, cutoff=0.9):
+        return None  # a typo: grpo_num_iterations (a TRL argument) is 0.87 from grpo_num_generations
+    return prefix
 
 
 def read_preset(path: str | Path) -> tuple[dict, dict[str, int]]:
@@ -360,6 +382,12 @@ def _override_key(cls: type, key: str, where: str) -> str:
         raise _renamed(key, where)
     if key in all_keys():
         raise ConfigError(f"{where}: '{key}' is not read by the {cls.stage} stage")
+    if passthrough_stage(key) == cls.prefix:
+        return key  # a TRL argument of this stage
+    full = f"{cls.prefix}_{key}"
+    if passthrough_stage(full) == cls.prefix and not difflib.get_close_matches(key, sorted(all_keys()), n=1):
+        raise ConfigError(f"{where}: unknown key '{key}' (an argument of TRL's config that brandcopy does not "
+                          f"declare takes the stage's prefix: '{full}')")
     raise _unknown_key(key, where)
 
 
@@ -377,6 +405,11 @@ def parse_override(cls: type, item: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise ConfigError(f"{where}: overrides are key=value")
     key = _override_key(cls, key.strip(), where)
+    if key not in config_keys(cls):  # a TRL argument: the value as YAML reads it, checked by TRL
+        try:
+            return key, yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: value is not valid YAML: {err}") from err
     hint = typing.get_type_hints(cls)[key]
     # A string field takes the text as written: "model=123" is the folder "123", not the int 123.
     if hint is str:
@@ -405,24 +438,33 @@ def load_stage_config(cls: type, path: str | Path | None = None, overrides: list
     """
     values, lines = read_preset(path) if path is not None else ({}, {})
     known, mine = all_keys(), config_keys(cls)
-    kwargs = {}
+    kwargs, passthrough = {}, {}
     for key, value in values.items():
         where = f"{path}:{lines.get(key, '?')}: key '{key}'"
         if key in RENAMED:
             raise _renamed(key, f"{path}:{lines.get(key, '?')}")
         if key not in known:
-            raise _unknown_key(key, f"{path}:{lines.get(key, '?')}")
-        if key in mine:
+            stage = passthrough_stage(key)
+            if stage is None:
+                raise _unknown_key(key, f"{path}:{lines.get(key, '?')}")
+            if stage == cls.prefix:
+                passthrough[key] = (value, f"{path}:{lines.get(key, '?')}")
+        elif key in mine:
             kwargs[key] = _check_field(cls, key, value, where)
     for item in overrides:
         key, value = parse_override(cls, item)
-        kwargs[key] = value
-    return cls(**kwargs)
+        if key in mine:
+            kwargs[key] = value
+        else:
+            passthrough[key] = (value, f"override '{item}'")
+    return cls(**kwargs, trl_passthrough=passthrough)
 
 
 def config_dict(cfg) -> dict:
-    """The config as a plain dict, keys in field order."""
-    return dataclasses.asdict(cfg)
+    """The config as a plain dict, keys in field order, then the TRL arguments passed through by name."""
+    values = dataclasses.asdict(cfg)
+    passthrough = values.pop("trl_passthrough")
+    return values | {key: value for key, (value, _) in passthrough.items()}
 
 
 def save_config(cfg, path: str | Path) -> Path:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brandcopy.bootstrap import default_output_root
-from brandcopy.config import STAGE_CONFIGS, EvalStageConfig, config_keys, load_stage_config, parse_override
+from brandcopy.config import (STAGE_CONFIGS, EvalStageConfig, config_keys, load_stage_config, parse_override,
+                              passthrough_stage)
 from brandcopy.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def _key(item: str) -> str:
 def _reads(cls: type, key: str) -> bool:
     """Whether a stage reads ``key``, written in full or without the stage's prefix (``learning_rate`` for ``sft_learning_rate``)."""
     keys = config_keys(cls)
-    return key in keys or f"{cls.prefix}_{key}" in keys
+    return key in keys or f"{cls.prefix}_{key}" in keys or passthrough_stage(key) == cls.prefix
 
 
 # --- model and endpoint ----------------------------------------------------------------------------

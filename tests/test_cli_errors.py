@@ -126,6 +126,8 @@ CASES = {  # id: (build the input in root -> argv, words the one-line message mu
                           ["eval_judge_mock", "was removed", "eval_judge_base_url: scripted"]),
     "train grpo: removed key": (lambda r: train(r, "grpo", "grpo_judge_mock=true"),
                                 ["grpo_judge_mock", "was removed", "grpo_judge_base_url: scripted"]),
+    "train grpo: no such TRL argument": (lambda r: train(r, "grpo", "grpo_los_type=dr_grpo"),
+                                         ["override 'grpo_los_type=dr_grpo'", "trl.GRPOConfig", "did you mean 'grpo_loss_type'"]),
 }
 
 

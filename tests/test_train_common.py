@@ -2,10 +2,12 @@
 
 from dataclasses import dataclass
 
+import pytest
 import trl
 from conftest import REPO
 
-from brandcopy.config import DPOStageConfig, GRPOStageConfig, SFTStageConfig, load_stage_config
+from brandcopy.config import ConfigError, DPOStageConfig, GRPOStageConfig, SFTStageConfig, load_stage_config, save_config
+from brandcopy.demo import stage_config
 from brandcopy.train.common import trl_args, trl_config
 from brandcopy.train.grpo import grpo_config
 from brandcopy.train.sft import sft_config
@@ -47,3 +49,46 @@ class NoisySFTConfig(SFTStageConfig):
 def test_a_new_trl_setting_is_one_field(tmp_path):
     cfg = NoisySFTConfig(output_root=str(tmp_path), sft_max_steps=1)
     assert trl_config(trl.SFTConfig, cfg).neftune_noise_alpha == 5.0
+
+
+def test_any_trl_argument_passes_through_by_its_stage_prefix(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(PRESET.read_text(encoding="utf-8") + "grpo_loss_type: dr_grpo\ndpo_label_smoothing: 0.1\n", encoding="utf-8")
+    cfg = load_stage_config(GRPOStageConfig, preset, [f"output_root={tmp_path}", "grpo_epsilon_high=0.28",
+                                                      "grpo_mask_truncated_completions=true"])
+    args = grpo_config(cfg)
+    assert (args.loss_type, args.epsilon_high, args.mask_truncated_completions) == ("dr_grpo", 0.28, True)
+    assert "label_smoothing" not in trl_args(cfg, trl.GRPOConfig)  # another stage's argument stays with it
+    assert trl_args(load_stage_config(DPOStageConfig, preset), trl.DPOConfig)["label_smoothing"] == 0.1
+    assert "loss_type" not in trl_args(load_stage_config(SFTStageConfig, preset), trl.SFTConfig)
+    saved = save_config(cfg, tmp_path / "resolved.yaml")  # the stage folder's config.yaml loads back the same
+    assert grpo_config(load_stage_config(GRPOStageConfig, saved, [f"output_root={tmp_path}"])).loss_type == "dr_grpo"
+
+
+@pytest.mark.parametrize("line, words", [
+    ("grpo_los_type: dr_grpo", ["preset.yaml:", "unknown key 'grpo_los_type'", "trl.GRPOConfig", "did you mean 'grpo_loss_type'"]),
+    ("grpo_max_length: 64", ["preset.yaml:", "'grpo_max_length'", "max_seq_length"]),  # no such GRPO argument
+    ("grpo_output_dir: elsewhere", ["preset.yaml:", "'grpo_output_dir' is set by the grpo stage itself"]),
+])
+def test_a_passed_through_key_trl_does_not_take_fails_naming_its_line(line, words, tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(PRESET.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
+    cfg = load_stage_config(GRPOStageConfig, preset, [f"output_root={tmp_path}"])  # the form alone: no TRL import
+    with pytest.raises(ConfigError) as err:
+        grpo_config(cfg)
+    line_no = len(preset.read_text(encoding="utf-8").splitlines())
+    assert f"preset.yaml:{line_no}" in str(err.value) and all(w in str(err.value) for w in words), err.value
+
+
+def test_a_near_miss_of_a_brandcopy_key_is_still_an_unknown_key_at_load(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'grpo_learnig_rate' .did you mean 'grpo_learning_rate'"):
+        load_stage_config(GRPOStageConfig, PRESET, ["grpo_learnig_rate=1e-4"])
+    with pytest.raises(ConfigError, match="takes the stage's prefix: 'grpo_loss_type'"):
+        load_stage_config(GRPOStageConfig, PRESET, ["loss_type=dr_grpo"])
+
+
+def test_one_override_list_hands_a_trl_argument_to_its_stage_alone():
+    overrides = ["grpo_loss_type=dr_grpo", "sft_max_steps=3"]  # what `brandcopy demo` and the notebooks pass every stage
+    assert stage_config(GRPOStageConfig, PRESET, overrides).trl_passthrough == {
+        "grpo_loss_type": ("dr_grpo", "override 'grpo_loss_type=dr_grpo'")}
+    assert stage_config(SFTStageConfig, PRESET, overrides).trl_passthrough == {}

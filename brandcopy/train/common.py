@@ -4,9 +4,10 @@ The run directory itself (stage folders, manifest, metrics, curves, checkpoints)
 """
 
 import dataclasses
+import difflib
 from pathlib import Path
 
-from brandcopy.config import config_dict
+from brandcopy.config import ConfigError, config_dict, config_keys
 from brandcopy.run import DATA_KINDS, data_file, is_main_process, read_data_file
 
 
@@ -35,6 +36,7 @@ def trl_args(cfg, config_class: type) -> dict:
     """
     from transformers import TrainingArguments
 
+    check_trl_passthrough(cfg, config_class)  # an argument this TRL does not take fails, never drops silently
     shared = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = {f.name for f in dataclasses.fields(config_class)}
     prefix = f"{cfg.prefix}_"
@@ -46,6 +48,34 @@ def trl_args(cfg, config_class: type) -> dict:
         elif name in shared:
             args[name] = value
     return args
+
+
+def check_trl_passthrough(cfg, config_class: type, fixed=()) -> None:
+    """Checks the undeclared ``<prefix>_<name>`` keys (``cfg.trl_passthrough``) against the installed TRL.
+
+    Args:
+        cfg: The stage config.
+        config_class: The stage's TRL config class (``trl.GRPOConfig``, ...).
+        fixed: Arguments the stage sets itself (``max_length`` from ``max_seq_length``, ...).
+
+    Raises:
+        ConfigError: A name that is no argument of ``config_class`` (a typo, or an argument of another
+            TRL release), or one the stage sets itself, naming the preset file and line or the override.
+    """
+    import trl
+
+    names = {f.name for f in dataclasses.fields(config_class) if f.init}
+    declared = {key.removeprefix(f"{cfg.prefix}_") for key in config_keys(type(cfg))}
+    for key, (_, where) in cfg.trl_passthrough.items():
+        name = key.removeprefix(f"{cfg.prefix}_")
+        if name == "output_dir" or name in fixed:
+            raise ConfigError(f"{where}: '{key}' is set by the {cfg.stage} stage itself (the stage folder, "
+                              "max_seq_length, save_steps, ...): set the brandcopy key instead")
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names | declared), n=1)
+            hint = f" (did you mean '{cfg.prefix}_{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}': neither a brandcopy key nor an argument of "
+                              f"trl.{config_class.__name__} (trl {trl.__version__}){hint}")
 
 
 def trl_config(config_class: type, cfg, **settings):
@@ -65,22 +95,30 @@ def trl_config(config_class: type, cfg, **settings):
     """
     import torch
 
+    check_trl_passthrough(cfg, config_class, settings)
     args = trl_args(cfg, config_class)
     gpu = on_gpu()
     bf16 = gpu and torch.cuda.is_bf16_supported()
-    return config_class(**{
-        "output_dir": str(cfg.out_dir / "checkpoints"),
-        "per_device_eval_batch_size": args["per_device_train_batch_size"],
-        "save_strategy": "steps",
-        "data_seed": cfg.seed,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
-        "use_cpu": not gpu,
-        "bf16": bf16,
-        "fp16": gpu and not bf16,
-        "dataloader_num_workers": 0,
-        **args,  # report_to: tensorboard writes its event files under <stage>/checkpoints/runs/
-        **settings,
-    })
+    try:
+        return config_class(**{
+            "output_dir": str(cfg.out_dir / "checkpoints"),
+            "per_device_eval_batch_size": args["per_device_train_batch_size"],
+            "save_strategy": "steps",
+            "data_seed": cfg.seed,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            "use_cpu": not gpu,
+            "bf16": bf16,
+            "fp16": gpu and not bf16,
+            "dataloader_num_workers": 0,
+            **args,  # report_to: tensorboard writes its event files under <stage>/checkpoints/runs/
+            **settings,
+        })
+    except (TypeError, ValueError) as err:  # TRL's own checks of the values; name the keys it may be about
+        if not cfg.trl_passthrough:
+            raise
+        where = "; ".join(f"{key} ({origin})" for key, (_, origin) in cfg.trl_passthrough.items())
+        raise ConfigError(f"trl.{config_class.__name__} refused its arguments: {str(err).splitlines()[0]} "
+                          f"(TRL arguments passed through: {where})") from None
 
 
 def lora_settings(cfg):

@@ -74,6 +74,7 @@ def run_dpo(cfg: DPOStageConfig, callbacks: list | tuple = ()) -> Path:
         StageInputError: The starting stage is missing or unfinished, or a data file is missing or empty.
     """
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
+    dpo_config(cfg)  # the TRL arguments (a preset's passed-through keys too) checked before a model loads
     train = train_pairs(cfg)
     val = load_split(cfg.data_path, "preference", "val")
     if cfg.dpo_eval_pairs:  # every evaluation scores each pair with the policy and the reference: keep it small

@@ -120,6 +120,7 @@ def run_grpo(cfg: GRPOStageConfig, callbacks: list | tuple = (), judge: LLMConfi
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
     check_batch(cfg)
     check_vllm(cfg)
+    grpo_config(cfg)  # the TRL arguments (a preset's passed-through keys too) checked before a model loads
     funcs, _ = active_rewards(cfg)
     train = grpo_dataset(cfg, "train", judge)
     source = require_stage(cfg.run_dir, cfg.grpo_from, "grpo")

@@ -56,6 +56,7 @@ def run_reward(cfg: RewardStageConfig, callbacks: list | tuple = ()) -> Path:
         StageInputError: A preference data file is missing or has no rows.
     """
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
+    reward_config(cfg)  # the TRL arguments (a preset's passed-through keys too) checked before a model loads
     train = load_split(cfg.data_path, "preference", "train")
     val = load_split(cfg.data_path, "preference", "val")
     val = val.select(spread(len(val), cfg.reward_eval_pairs))  # scored at every evaluation and twice more

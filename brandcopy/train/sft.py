@@ -65,6 +65,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list | tuple = ()) -> Path:
         TrainingExampleError: The rendered example would not train the end-of-turn token.
     """
     prepare_backend(cfg.backend, require_cuda=cfg.require_cuda)  # GPU checks; unsloth before trl
+    sft_config(cfg)  # the TRL arguments (a preset's passed-through keys too) checked before a model loads
     train = load_split(cfg.data_path, "sft", "train")
     val = load_split(cfg.data_path, "sft", "val") if cfg.sft_eval else None
     resume_from = begin_stage(cfg)

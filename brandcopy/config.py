@@ -382,8 +382,11 @@ def _override_key(cls: type, key: str, where: str) -> str:
         raise _renamed(key, where)
     if key in all_keys():
         raise ConfigError(f"{where}: '{key}' is not read by the {cls.stage} stage")
-    if passthrough_stage(key) == cls.prefix:
+    stage = passthrough_stage(key)
+    if stage == cls.prefix:
         return key  # a TRL argument of this stage
+    if stage is not None:
+        raise ConfigError(f"{where}: '{key}' is a TRL argument of the {stage} stage, not read by the {cls.stage} stage")
     full = f"{cls.prefix}_{key}"
     if passthrough_stage(full) == cls.prefix and not difflib.get_close_matches(key, sorted(all_keys()), n=1):
         raise ConfigError(f"{where}: unknown key '{key}' (an argument of TRL's config that brandcopy does not "

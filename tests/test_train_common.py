@@ -85,6 +85,8 @@ def test_a_near_miss_of_a_brandcopy_key_is_still_an_unknown_key_at_load(tmp_path
         load_stage_config(GRPOStageConfig, PRESET, ["grpo_learnig_rate=1e-4"])
     with pytest.raises(ConfigError, match="takes the stage's prefix: 'grpo_loss_type'"):
         load_stage_config(GRPOStageConfig, PRESET, ["loss_type=dr_grpo"])
+    with pytest.raises(ConfigError, match="'dpo_label_smoothing' is a TRL argument of the dpo stage, not read by the grpo"):
+        load_stage_config(GRPOStageConfig, PRESET, ["dpo_label_smoothing=0.1"])
 
 
 def test_one_override_list_hands_a_trl_argument_to_its_stage_alone():

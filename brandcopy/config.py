@@ -85,7 +85,8 @@ class CommonConfig:
     resume: bool = True
     report_to: str = field(default="none", metadata=_choices(*REPORT_TO))  # transformers' report_to, passed through
     # TRL arguments brandcopy does not declare, set as <prefix>_<name> (``grpo_loss_type``): key -> (value, where
-    # it was set). Not a preset key itself; checked against the installed TRL when the stage starts (``trl_args``).
+    # it was set). Not a preset key itself; checked against the installed TRL when the stage starts
+    # (``train.common.check_trl_passthrough``).
     trl_passthrough: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
 
     @property
@@ -263,7 +264,7 @@ def passthrough_stage(key: str) -> str | None:
     if not (sep and prefix in TRL_PREFIXES and name.isidentifier()) or key in {*all_keys(), *RENAMED, *REMOVED_KEYS}:
         return None
     if difflib.get_close_matches(key, [*all_keys(), *RENAMED], n=1, cutoff=0.9):
-        return None  # a typo: grpo_num_iterations (a TRL argument) is 0.87 from grpo_num_generations
+        return None  # a typo of a declared key (grpo_num_iterations, a TRL argument, is 0.87 from grpo_num_generations)
     return prefix
 
 
